@@ -1,0 +1,21 @@
+"""fused_residual: fused kernels for residual blocks.
+
+``add_relu`` / ``add_relu_`` fuse the skip-add with the ReLU; the GEMM ops fuse the projection shortcut's
+matrix product with a bias + residual + ReLU epilogue. All are ``torch.ops.fused_residual`` custom ops with
+autograd, and run on Triton (CUDA), C++ (CPU) or the eager reference (see :func:`use_backend`).
+"""
+
+from . import reference  # noqa: F401
+from ._backend import BACKENDS, BackendUnavailable, current_backend, use_backend
+from .functional import add_relu, add_relu_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "add_relu",
+    "add_relu_",
+    "current_backend",
+    "use_backend",
+]

@@ -1,0 +1,290 @@
+"""``relu(z + skip)``: launchers, torch.library registration, fake impls and autograd.
+
+Ops (namespace ``fused_residual``):
+
+* ``add_relu(z, skip) -> out``                     out has z's shape, dtype and memory format
+* ``add_relu_with_mask(z, skip) -> (out, mask)``   plus the packed gradient gate, ceil(numel/8) bytes
+* ``add_relu_(z, skip) -> ()``                     z = relu(z + skip) in place
+* ``add_relu_backward(grad, out) -> grad_in``      grad where not (out <= 0), in out's layout
+* ``add_relu_mask_backward(grad, mask, out_stride) -> grad_in``  the same from the packed gate
+
+The two backward ops have autograd of their own (they are linear in ``grad``), so double backward works.
+They are ``custom_op`` s, opaque to torch.compile and torch.export, which keeps one implementation (and one
+backend switch) for eager, compiled and exported code, and works under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton  # noqa: F401  (cdiv below; the package requires triton on Linux)
+
+from .. import _alloc, _backend, _checks, _cpp, _triton, reference
+from .._layout import is_dense, is_dense_layout, iteration_space, same_dense_layout
+
+# ---------------------------------------------------------------------------------------------------------
+# Eager's ReLU on -0.0 differs by device: CPU's clamp_min keeps -0.0; CUDA's (fmaxf) returns +0.0. The
+# kernels follow the device they serve, so that the forward is bit-identical to eager there.
+# tests/test_add_relu.py::test_signed_zero_convention_matches_eager checks this table against eager.
+RELU_NEG_ZERO_TO_POS = {"cpu": False, "cuda": True}
+
+
+def relu_maps_neg_zero(device: torch.device) -> bool:
+    return RELU_NEG_ZERO_TO_POS.get(device.type, False)
+
+
+def mask_numel(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+def _check(op: str, z: torch.Tensor, skip: torch.Tensor) -> None:
+    _checks.floating(op, z=z, skip=skip)
+    _checks.same_shape(op, "z", z, "skip", skip)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton launchers
+
+
+def _device_guard(t: torch.Tensor):
+    import contextlib
+
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """out = relu(z + skip) (out may be z itself); mask, if given, needs a dense out."""
+    numel = out.numel()
+    if numel == 0:
+        return
+    K = _triton.kernels("add_relu")
+    if same_dense_layout(out, z, skip):
+        sizes, strides = [1, 1, 1, 1], [[0] * 4] * 3
+        strided = False
+    else:
+        space = iteration_space(out, z, skip, max_dims=K.MAX_DIMS)
+        if space is None:  # more than 4 non-mergeable dims: run the flat kernel on dense copies
+            dense = out if is_dense(out) else torch.empty_like(out)
+            _triton_forward(torch.empty_like(dense).copy_(z), torch.empty_like(dense).copy_(skip), dense, mask)
+            if dense is not out:
+                out.copy_(dense)
+            return
+        sizes, strides = space
+        strided = True
+    o_st, z_st, s_st = strides
+    with _device_guard(out):
+        K.add_relu_fwd_kernel[(triton.cdiv(numel, K.BLOCK),)](
+            z, skip, out, mask if mask is not None else out, numel,
+            sizes[1], sizes[2], sizes[3], *z_st, *s_st, *o_st,
+            STRIDED=strided, SAVE_MASK=mask is not None, NEG_ZERO_TO_POS=relu_maps_neg_zero(out.device),
+            INTERPRET=_triton.interpreting(), BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
+        )
+
+
+def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor | None,
+                     gin: torch.Tensor) -> None:
+    """gin (dense) = grad gated by ``out`` (gin's layout: one offset addresses both) or the packed ``mask``."""
+    numel = gin.numel()
+    if numel == 0:
+        return
+    K = _triton.kernels("add_relu")
+    if same_dense_layout(gin, grad):
+        sizes, (gin_st, g_st), strided = [1, 1, 1, 1], ([0] * 4, [0] * 4), False
+    else:
+        space = iteration_space(gin, grad, max_dims=K.MAX_DIMS)
+        if space is None:  # more than 4 non-mergeable dims: bring grad into gin's layout first
+            _triton_backward(torch.empty_like(gin).copy_(grad), out, mask, gin)
+            return
+        sizes, (gin_st, g_st), strided = space[0], space[1], True
+    with _device_guard(gin):
+        K.add_relu_bwd_kernel[(triton.cdiv(numel, K.BLOCK),)](
+            grad, out if out is not None else gin, mask if mask is not None else gin, gin, numel,
+            sizes[1], sizes[2], sizes[3], *g_st, *gin_st,
+            STRIDED=strided, FROM_MASK=mask is not None, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backend dispatch (real implementations)
+
+
+def _forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """out = relu(z + skip) on the backend in effect (out may be z); mask, if given, gets the gate."""
+    backend = _backend.resolve(z.device)
+    if backend == "cpp":
+        _cpp.module().add_relu_fwd(z, skip, out, mask)
+    elif backend == "triton":
+        _triton_forward(z, skip, out, mask)
+    else:
+        out.copy_(reference.add_relu(z, skip))
+        if mask is not None:
+            mask.copy_(reference.pack_mask(out))
+
+
+def _backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor | None, gin: torch.Tensor) -> None:
+    """gin = grad gated by out (same layout as gin) or by the packed mask (gin's storage order)."""
+    backend = _backend.resolve(gin.device)
+    if backend == "cpp":
+        _cpp.module().add_relu_bwd(grad, out, mask, gin)
+    elif backend == "triton":
+        _triton_backward(grad, out, mask, gin)
+    elif out is not None:
+        gin.copy_(reference.relu_backward(grad, out))
+    else:
+        keep = reference.unpack_mask(mask, gin.numel())
+        grad_in_order = reference.storage_order(torch.empty_like(gin).copy_(grad))
+        reference.storage_order(gin).copy_(torch.where(keep, grad_in_order, 0))
+
+
+@torch.library.custom_op("fused_residual::add_relu", mutates_args=())
+def add_relu(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    _check("add_relu", z, skip)
+    out = _alloc.empty_like(z)
+    _forward(z, skip, out, None)
+    return out
+
+
+@add_relu.register_fake
+def _(z, skip):
+    _check("add_relu", z, skip)
+    return torch.empty_like(z)
+
+
+@torch.library.custom_op("fused_residual::add_relu_with_mask", mutates_args=())
+def add_relu_with_mask(z: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("add_relu", z, skip)
+    out = _alloc.empty_like(z)
+    mask = _alloc.empty(mask_numel(z.numel()), z, dtype=torch.uint8)
+    _forward(z, skip, out, mask)
+    return out, mask
+
+
+@add_relu_with_mask.register_fake
+def _(z, skip):
+    _check("add_relu", z, skip)
+    return torch.empty_like(z), z.new_empty(mask_numel(z.numel()), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fused_residual::add_relu_", mutates_args=("z",))
+def add_relu_inplace(z: torch.Tensor, skip: torch.Tensor) -> None:
+    _check("add_relu_", z, skip)
+    _checks.writable_destination("add_relu_", z, skip)
+    _forward(z, skip, z, None)
+
+
+@add_relu_inplace.register_fake
+def _(z, skip):
+    _check("add_relu_", z, skip)
+
+
+@torch.library.custom_op("fused_residual::add_relu_backward", mutates_args=())
+def add_relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    _check("add_relu_backward", grad, out)
+    gin = _alloc.empty_like(out)
+    if not same_dense_layout(gin, out):  # out is not dense (a direct call): gate from a dense copy
+        out = torch.empty_like(gin).copy_(out)
+    _backward(grad, out, None, gin)
+    return gin
+
+
+@add_relu_backward.register_fake
+def _(grad, out):
+    _check("add_relu_backward", grad, out)
+    return torch.empty_like(out)
+
+
+def _check_mask(grad: torch.Tensor, mask: torch.Tensor, out_stride: Sequence[int], layout: bool = True) -> None:
+    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != mask_numel(grad.numel()):
+        raise ValueError(f"add_relu_mask_backward: mask must be {mask_numel(grad.numel())} uint8 bytes for "
+                         f"{grad.numel()} elements, got shape {tuple(mask.shape)} {mask.dtype}")
+    if layout and not is_dense_layout(grad.shape, out_stride):
+        raise ValueError(f"add_relu_mask_backward: out_stride {tuple(out_stride)} is not a dense layout of "
+                         f"shape {tuple(grad.shape)}")
+
+
+@torch.library.custom_op("fused_residual::add_relu_mask_backward", mutates_args=())
+def add_relu_mask_backward(grad: torch.Tensor, mask: torch.Tensor, out_stride: Sequence[int]) -> torch.Tensor:
+    _checks.floating("add_relu_mask_backward", grad=grad)
+    _check_mask(grad, mask, out_stride)
+    gin = _alloc.empty_strided(grad.shape, out_stride, grad)
+    _backward(grad, None, mask.contiguous(), gin)
+    return gin
+
+
+@add_relu_mask_backward.register_fake
+def _(grad, mask, out_stride):
+    _check_mask(grad, mask, out_stride, layout=False)  # no data-dependent sorting of symbolic strides
+    return torch.empty_strided(grad.shape, out_stride, dtype=grad.dtype, device=grad.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _setup_output(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _backward_output(ctx, grad):
+    (out,) = ctx.saved_tensors
+    gin = add_relu_backward(grad, out)
+    return gin, gin
+
+
+def _setup_mask(ctx, inputs, output):
+    out, mask = output
+    ctx.mark_non_differentiable(mask)
+    ctx.save_for_backward(mask)
+    ctx.out_stride = out.stride()
+
+
+def _backward_mask(ctx, grad, _grad_mask):
+    (mask,) = ctx.saved_tensors
+    gin = add_relu_mask_backward(grad, mask, ctx.out_stride)
+    return gin, gin
+
+
+def _setup_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_of_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return add_relu_backward(grad, out), None
+
+
+def _setup_mask_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.out_stride = inputs[2]
+
+
+def _backward_of_mask_backward(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    return add_relu_mask_backward(grad, mask, ctx.out_stride), None, None
+
+
+add_relu.register_autograd(_backward_output, setup_context=_setup_output)
+add_relu_with_mask.register_autograd(_backward_mask, setup_context=_setup_mask)
+add_relu_backward.register_autograd(_backward_of_backward, setup_context=_setup_backward)
+add_relu_mask_backward.register_autograd(_backward_of_mask_backward, setup_context=_setup_mask_backward)
+
+
+class AddReLUInplace(torch.autograd.Function):
+    """Autograd for ``add_relu_`` when z or skip needs a gradient (a mutating custom op cannot carry
+    ``register_autograd``): runs the in-place op, marks z dirty and keeps z (now the output) for backward."""
+
+    @staticmethod
+    def forward(ctx, z, skip):
+        add_relu_inplace(z, skip)
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        gin = add_relu_backward(grad, out)
+        return gin, gin
