@@ -23,8 +23,11 @@ import triton.language as tl
 from .common import relu_f32, relu_keeps, to_storage
 
 # Elements per program. Each thread owns BLOCK / (32 * num_warps) contiguous elements: 16 for the flat
-# kernels at the default 8 warps, i.e. 64 bytes of fp32 or 32 bytes of fp16/bf16 -> 128-bit accesses.
+# kernels at 8 warps, i.e. 64 bytes of fp32 or 32 bytes of fp16/bf16, so 128-bit accesses with several in
+# flight. The strided kernels keep 4 elements per thread: their int64 index arithmetic (div/mod per dim)
+# would spill registers at 16.
 BLOCK = 4096
+STRIDED_BLOCK = 1024
 NUM_WARPS = 8
 MAX_DIMS = 4
 

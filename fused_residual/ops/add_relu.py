@@ -75,12 +75,13 @@ def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask
         sizes, strides = space
         strided = True
     o_st, z_st, s_st = strides
+    block = K.STRIDED_BLOCK if strided else K.BLOCK
     with _device_guard(out):
-        K.add_relu_fwd_kernel[(triton.cdiv(numel, K.BLOCK),)](
+        K.add_relu_fwd_kernel[(triton.cdiv(numel, block),)](
             z, skip, out, mask if mask is not None else out, numel,
             sizes[1], sizes[2], sizes[3], *z_st, *s_st, *o_st,
             STRIDED=strided, SAVE_MASK=mask is not None, NEG_ZERO_TO_POS=relu_maps_neg_zero(out.device),
-            INTERPRET=_triton.interpreting(), BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
+            INTERPRET=_triton.interpreting(), BLOCK=block, num_warps=K.NUM_WARPS,
         )
 
 
@@ -99,11 +100,12 @@ def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.T
             _triton_backward(torch.empty_like(gin).copy_(grad), out, mask, gin)
             return
         sizes, (gin_st, g_st), strided = space[0], space[1], True
+    block = K.STRIDED_BLOCK if strided else K.BLOCK
     with _device_guard(gin):
-        K.add_relu_bwd_kernel[(triton.cdiv(numel, K.BLOCK),)](
+        K.add_relu_bwd_kernel[(triton.cdiv(numel, block),)](
             grad, out if out is not None else gin, mask if mask is not None else gin, gin, numel,
             sizes[1], sizes[2], sizes[3], *g_st, *gin_st,
-            STRIDED=strided, FROM_MASK=mask is not None, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
+            STRIDED=strided, FROM_MASK=mask is not None, BLOCK=block, num_warps=K.NUM_WARPS,
         )
 
 

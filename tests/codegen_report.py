@@ -1,0 +1,110 @@
+"""Compile Triton kernels for NVIDIA targets without a GPU and report on the generated code.
+
+Run as a script in a process where TRITON_INTERPRET is unset (triton.jit decides at decoration time whether
+a kernel is interpreted): ``python tests/codegen_report.py OUT.json``. For each variant listed in
+``variants()`` it records the PTX's global memory instructions and matrix instructions, and ptxas's register,
+stack and spill report (ptxas bundled with triton), as JSON for tests/test_codegen.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ARCHS = {90: "sm_90a", 80: "sm_80"}
+DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def compile_variant(fn, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3,
+                    divisible: tuple = ()) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = dict(args)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    names = list(fn.arg_names)
+    signature = {n: signature[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = kernel.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-v", "--gpu-name", ARCHS[arch], path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    report = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {report}")
+
+    def num(pattern):
+        m = re.search(pattern, report)
+        return int(m.group(1)) if m else None
+
+    return {
+        "global_loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
+        "global_stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
+        "mma": sorted(set(re.findall(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx))),
+        "registers": num(r"Used (\d+) registers"),
+        "spill_stores": num(r"(\d+) bytes spill stores"),
+        "spill_loads": num(r"(\d+) bytes spill loads"),
+        "stack_frame": num(r"(\d+) bytes stack frame"),
+    }
+
+
+def add_relu_variants():
+    from fused_residual._kernels import add_relu as K
+
+    ints = {n: "i32" for n in ("size1", "size2", "size3")}
+    for t in ("z", "s", "o", "g"):
+        for i in range(4):
+            ints[f"{t}_st{i}"] = "i64"
+    for arch in ARCHS:
+        for dname, ptr in DTYPES.items():
+            for strided in (False, True):
+                for mask in (False, True):
+                    args = {"z_ptr": ptr, "skip_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "numel": "i32", **ints}
+                    yield (f"add_relu_fwd/{dname}/sm{arch}/{'strided' if strided else 'flat'}"
+                           f"{'/mask' if mask else ''}",
+                           lambda a=args, s=strided, m=mask, arch=arch: compile_variant(
+                               K.add_relu_fwd_kernel, a,
+                               {"STRIDED": s, "SAVE_MASK": m, "NEG_ZERO_TO_POS": True, "INTERPRET": False,
+                                "BLOCK": K.STRIDED_BLOCK if s else K.BLOCK}, arch, K.NUM_WARPS,
+                               divisible=("z_ptr", "skip_ptr", "out_ptr", "mask_ptr", "numel")))
+                    args = {"grad_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "gin_ptr": ptr, "numel": "i32", **ints}
+                    yield (f"add_relu_bwd/{dname}/sm{arch}/{'strided' if strided else 'flat'}"
+                           f"{'/mask' if mask else ''}",
+                           lambda a=args, s=strided, m=mask, arch=arch: compile_variant(
+                               K.add_relu_bwd_kernel, a,
+                               {"STRIDED": s, "FROM_MASK": m, "BLOCK": K.STRIDED_BLOCK if s else K.BLOCK},
+                               arch, K.NUM_WARPS,
+                               divisible=("grad_ptr", "out_ptr", "mask_ptr", "gin_ptr", "numel")))
+
+
+def variants():
+    yield from add_relu_variants()
+
+
+def main(out_path: str) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("codegen_report.py needs TRITON_INTERPRET unset")
+    report = {}
+    for name, build in variants():
+        try:
+            report[name] = build()
+        except Exception as exc:  # recorded so that the test names the variant that failed
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

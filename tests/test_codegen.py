@@ -1,0 +1,47 @@
+"""Generated code, checked without a GPU: the Triton kernels compiled for sm_90a and sm_80 by triton's own
+compiler, and ptxas's resource report (tests/codegen_report.py does the compiling in a subprocess, where
+TRITON_INTERPRET is unset)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("codegen") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, os.path.join(HERE, "codegen_report.py"), str(out)], env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    errors = {k: v["error"] for k, v in data.items() if "error" in v}
+    assert not errors, errors
+    return data
+
+
+def _select(report, prefix):
+    found = {k: v for k, v in report.items() if k.startswith(prefix)}
+    assert found, f"no variants named {prefix}*"
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("kernel", ["add_relu_fwd", "add_relu_bwd"])
+def test_flat_elementwise_paths_use_128_bit_accesses(report, kernel, dtype, arch):
+    v = report[f"{kernel}/{dtype}/sm{arch}/flat"]
+    assert v["global_loads"] == ["ld.global.v4.b32"], v["global_loads"]
+    assert v["global_stores"] == ["st.global.v4.b32"], v["global_stores"]
+
+
+def test_no_kernel_spills_registers(report):
+    spills = {k: (v["spill_stores"], v["spill_loads"], v["stack_frame"]) for k, v in report.items()
+              if v["spill_stores"] or v["spill_loads"]}
+    assert not spills, spills
+    assert all(v["registers"] for v in report.values())
