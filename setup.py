@@ -7,11 +7,13 @@ up at install rather than in the middle of a training run. They need torch at bu
     pip install --no-build-isolation -e .
 
 Environment switches:
-    FUSED_RESIDUAL_BUILD_CPP=0   skip the C++ build (the ``cpp`` backend then reports why it cannot run)
-    MAX_JOBS=N                   parallel compile jobs (torch's cpp_extension reads it)
+    FUSED_RESIDUAL_BUILD_CPP=auto  (default) build; if compiling fails, warn and install without the kernels
+    FUSED_RESIDUAL_BUILD_CPP=1     build, and fail the install if compiling fails (scripts/setup.sh, CI)
+    FUSED_RESIDUAL_BUILD_CPP=0     skip the C++ build
+    MAX_JOBS=N                     parallel compile jobs (torch's cpp_extension reads it)
 
-If the build is skipped or fails, the package still installs and imports; ``fused-residual info`` names
-the cause.
+Without the kernels the package still installs and imports; the ``cpp`` backend and ``fused-residual info``
+name the cause.
 """
 
 import os
@@ -23,15 +25,23 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("kernels", "csrc")
 
 
+BUILD_CPP = os.environ.get("FUSED_RESIDUAL_BUILD_CPP", "auto").lower()
+if BUILD_CPP not in ("auto", "0", "1"):
+    raise SystemExit(f"FUSED_RESIDUAL_BUILD_CPP must be auto, 0 or 1, got {BUILD_CPP!r}")
+
+
 def cpp_extensions():
-    if os.environ.get("FUSED_RESIDUAL_BUILD_CPP", "1") == "0":
+    if BUILD_CPP == "0":
         print("fused_residual: FUSED_RESIDUAL_BUILD_CPP=0, not building the C++ CPU kernels", file=sys.stderr)
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as exc:  # torch is needed to build; without it we install the pure-Python parts.
-        print(f"fused_residual: torch not importable at build time ({exc}); not building the C++ CPU "
-              "kernels. Install torch first and use `pip install --no-build-isolation`.", file=sys.stderr)
+        message = (f"fused_residual: torch not importable at build time ({exc}); not building the C++ CPU "
+                   "kernels. Install torch first and use `pip install --no-build-isolation`.")
+        if BUILD_CPP == "1":
+            raise SystemExit(message)
+        print(message, file=sys.stderr)
         return [], {}
     import platform
 
@@ -44,7 +54,20 @@ def cpp_extensions():
         exts.append(CppExtension("fused_residual._C_avx2", [os.path.join(CSRC, "ext_avx2.cpp")], depends=depends,
                                  extra_compile_args=common + ["-mavx2", "-mfma", "-mf16c"],
                                  extra_link_args=["-fopenmp"]))
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Builds with ninja; under FUSED_RESIDUAL_BUILD_CPP=auto a failed build is reported, not fatal."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # compiler missing or failing: install the pure-Python parts
+                if BUILD_CPP == "1":
+                    raise
+                print(f"fused_residual: building {ext.name} failed ({type(exc).__name__}: {exc}); installing "
+                      "without it (set FUSED_RESIDUAL_BUILD_CPP=1 to make this an error)", file=sys.stderr)
+
+    return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = cpp_extensions()

@@ -1,0 +1,166 @@
+"""Triton GEMM with a fused bias + residual + ReLU epilogue, and the masked-gradient kernel of its backward.
+
+    out[m, n] = relu( sum_k A1[m, k] W1[n, k]  (+ sum_k A2[m, k] W2[n, k])  + bias[n] + residual[m, n] )
+
+Rows ``m`` are output pixels ``(img, oh, ow)`` of an ``OH x OW`` grid, so one kernel serves
+
+* linear layers: ``OH = OW = 1``, row ``m`` is sample ``m`` (triton specialises the 1s, the index
+  arithmetic folds away);
+* 1x1 convolutions over NCHW or NHWC tensors with any stride: each operand carries its own strides for
+  ``(img, oh, ow, k)``, with the convolution stride folded into the ``oh``/``ow`` strides, so a strided
+  channels_last shortcut is read in place;
+* two products into one accumulator (``HAS_A2``): a block's last layer and its projection shortcut, with
+  no concatenation materialised.
+
+The accumulator is fp32; bias and residual are added to it and ReLU applied before the single store.
+Programs are ordered in groups of ``GROUP_M`` row tiles for L2 reuse of the weight tiles. Row offsets are
+int64 (M * stride can pass 2**31).
+
+Under the Triton interpreter (``INTERPRET``) the dot operands are upcast to fp32 first: the interpreter keeps
+bf16 as raw uint16, so a bf16 ``tl.dot`` there would multiply bit patterns. Compiled kernels keep fp16/bf16
+operands on the tensor cores (wgmma on sm_90, mma on sm_80).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import relu_f32, relu_keeps, to_storage
+
+
+def _config(bm, bn, bk, stages, warps, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_stages=stages, num_warps=warps)
+
+
+# Static configs, keyed on (M, N, K1, K2) by the autotuner. Large tiles for compute-bound shapes, narrower
+# ones for the memory-bound shortcut shapes (small K, N = 64..512) and for small problems.
+CONFIGS = [
+    _config(128, 256, 64, 3, 8),
+    _config(256, 128, 64, 3, 8),
+    _config(128, 128, 64, 4, 8),
+    _config(128, 128, 32, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 32, 5, 4),
+    _config(32, 64, 32, 5, 2),
+]
+# The one config used under the interpreter (no autotuning there: it would run every config on the CPU).
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (they only add masked work)."""
+    M, N = named_args["M"], named_args["N"]
+    K = max(named_args["K1"], named_args["K2"])
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(M))
+            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))
+            and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))]
+    return kept or configs[-1:]
+
+
+@triton.jit
+def row_offsets(m, OH, OW, s_img, s_h, s_w):
+    """Offset of output row ``m`` = pixel (img, oh, ow) in a tensor with those strides."""
+    img = m // (OH * OW)
+    rest = m % (OH * OW)
+    return img * s_img + (rest // OW) * s_h + (rest % OW) * s_w
+
+
+@triton.jit
+def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a_sk, w_sn, w_sk,
+               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += A[offs_m, :K] @ W[offs_n, :K]^T."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + row_offsets(offs_m, OH, OW, a_sn, a_sh, a_sw)[:, None] + offs_k[None, :] * a_sk
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * w_sn + offs_k[:, None] * w_sk
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if INTERPRET:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * a_sk
+        w_ptrs += BLOCK_K * w_sk
+    return acc
+
+
+@triton.jit
+def gemm_add_relu_kernel(
+    a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K1, K2, OH, OW,
+    a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk,
+    a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
+    r_sn, r_sh, r_sw, r_sc,
+    o_sn, o_sh, o_sw, o_sc,
+    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEG_ZERO_TO_POS: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped indices keep every operand load in bounds without a mask; the store is masked instead.
+    rows_in = rows % M
+    cols_in = cols % N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = accumulate(acc, a1_ptr, w1_ptr, rows_in, cols_in, K1, OH, OW, a1_sn, a1_sh, a1_sw, a1_sk,
+                     w1_sn, w1_sk, BLOCK_K, DOT_PRECISION, INTERPRET)
+    if HAS_A2:
+        acc = accumulate(acc, a2_ptr, w2_ptr, rows_in, cols_in, K2, OH, OW, a2_sn, a2_sh, a2_sw, a2_sk,
+                         w2_sn, w2_sk, BLOCK_K, DOT_PRECISION, INTERPRET)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw)[:, None] + cols_in[None, :] * r_sc
+        acc += tl.load(r_ptrs).to(tl.float32)
+    y = to_storage(relu_f32(acc, NEG_ZERO_TO_POS), out_ptr.dtype.element_ty, INTERPRET)
+    o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc
+    tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+gemm_add_relu_autotuned = triton.autotune(
+    configs=CONFIGS, key=["M", "N", "K1", "K2"], prune_configs_by={"early_config_prune": prune_configs},
+)(gemm_add_relu_kernel)
+
+
+# ---- backward -------------------------------------------------------------------------------------------
+GRAD_BLOCK_M = 64
+GRAD_BLOCK_N = 64
+
+
+@triton.jit
+def relu_grad_colsum_kernel(
+    grad_ptr, out_ptr, gm_ptr, partial_ptr, M, N, OH, OW,
+    g_sn, g_sh, g_sw, g_sc,
+    o_sn, o_sh, o_sw, o_sc,
+    HAS_COLSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """gm[m, n] = grad where not (out <= 0) else 0, written as a row-major [M, N] matrix (NHWC for
+    convolutions), and partial[pid_m, n] = sum of this program's rows of gm in fp32: stage one of the bias
+    gradient (stage two sums the partials in a fixed order; no atomics, so the result is deterministic)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inb = (rows[:, None] < M) & (cols[None, :] < N)
+    g = tl.load(grad_ptr + row_offsets(rows, OH, OW, g_sn, g_sh, g_sw)[:, None] + cols[None, :] * g_sc,
+                mask=inb, other=0.0)
+    o = tl.load(out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc,
+                mask=inb, other=0.0).to(tl.float32)
+    gm = tl.where(relu_keeps(o), g, tl.zeros_like(g))
+    tl.store(gm_ptr + rows[:, None] * N + cols[None, :], gm, mask=inb)
+    if HAS_COLSUM:
+        tl.store(partial_ptr + pid_m * N + cols, tl.sum(gm.to(tl.float32), axis=0), mask=cols < N)
