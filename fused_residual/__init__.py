@@ -7,7 +7,8 @@ autograd, and run on Triton (CUDA), C++ (CPU) or the eager reference (see :func:
 
 from . import reference  # noqa: F401
 from ._backend import BACKENDS, BackendUnavailable, current_backend, use_backend
-from .functional import add_relu, add_relu_
+from .functional import (add_relu, add_relu_, conv1x1_add_relu, dual_conv1x1_add_relu, dual_linear_add_relu,
+                         linear_add_relu)
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,10 @@ __all__ = [
     "BackendUnavailable",
     "add_relu",
     "add_relu_",
+    "conv1x1_add_relu",
+    "dual_conv1x1_add_relu",
+    "dual_linear_add_relu",
+    "linear_add_relu",
     "current_backend",
     "use_backend",
 ]

@@ -43,3 +43,67 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return AddReLUInplace.apply(z, skip)
     torch.ops.fused_residual.add_relu_(z, skip)
     return z
+
+
+def _autocast(device_type: str, *tensors):
+    """Under ``torch.autocast`` the GEMM ops run in the autocast dtype, as ``F.linear``/``F.conv2d`` do:
+    every floating input is cast to it."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(x @ weight.T + bias + residual)`` with the add and ReLU fused into the GEMM's epilogue.
+
+    x ``[..., K]``, weight ``[N, K]``, residual ``[..., N]`` (x's leading dims), bias ``[N]`` or None.
+    """
+    _checks.tensors("linear_add_relu", x=x, weight=weight, residual=residual)
+    _checks.optional_tensors("linear_add_relu", bias=bias)
+    x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
+    return torch.ops.fused_residual.linear_add_relu(x, weight, residual, bias)
+
+
+def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
+                         shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(x @ weight.T + shortcut @ shortcut_weight.T + bias)``: a residual block's last layer and its
+    projection shortcut accumulated by one kernel, then the epilogue.
+
+    x ``[..., K1]``, weight ``[N, K1]``, shortcut ``[..., K2]`` (x's leading dims), shortcut_weight
+    ``[N, K2]``, bias ``[N]`` or None.
+    """
+    _checks.tensors("dual_linear_add_relu", x=x, weight=weight, shortcut=shortcut, shortcut_weight=shortcut_weight)
+    _checks.optional_tensors("dual_linear_add_relu", bias=bias)
+    x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
+                                                           bias)
+    return torch.ops.fused_residual.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias)
+
+
+def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                     bias: torch.Tensor | None = None, stride: int = 1) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias, stride=stride) + residual)`` for a ``[Cout, Cin, 1, 1]`` weight: the
+    ResNet projection shortcut as one GEMM over output pixels.
+
+    NCHW or channels_last x (strided views too, read in place); the output takes x's memory format.
+    residual has the output's shape ``[B, Cout, ceil(H / stride), ceil(W / stride)]``.
+    """
+    _checks.tensors("conv1x1_add_relu", x=x, weight=weight, residual=residual)
+    _checks.optional_tensors("conv1x1_add_relu", bias=bias)
+    x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
+    return torch.ops.fused_residual.conv1x1_add_relu(x, weight, residual, bias, stride)
+
+
+def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
+                          shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          shortcut_stride: int = 1) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias) + conv2d(shortcut, shortcut_weight, stride=shortcut_stride))`` for 1x1
+    weights, in one kernel: a Bottleneck's conv3 and its downsample projection (BN folded) in inference."""
+    _checks.tensors("dual_conv1x1_add_relu", x=x, weight=weight, shortcut=shortcut,
+                    shortcut_weight=shortcut_weight)
+    _checks.optional_tensors("dual_conv1x1_add_relu", bias=bias)
+    x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
+                                                           bias)
+    return torch.ops.fused_residual.dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias,
+                                                         shortcut_stride)

@@ -56,3 +56,7 @@ def dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias=None):
 
 def conv1x1_add_relu(x, weight, residual, bias=None, stride=1):
     return torch.relu(F.conv2d(x, weight, bias, stride=stride) + residual)
+
+
+def dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias=None, shortcut_stride=1):
+    return torch.relu(F.conv2d(x, weight, bias) + F.conv2d(shortcut, shortcut_weight, stride=shortcut_stride))

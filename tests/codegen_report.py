@@ -89,8 +89,43 @@ def add_relu_variants():
                                divisible=("grad_ptr", "out_ptr", "mask_ptr", "gin_ptr", "numel")))
 
 
+def gemm_variants():
+    """The GEMM epilogue kernel as a linear layer would launch it (unit strides and OH = OW = 1 are
+    specialised by triton at run time, so they are constexprs here), for every autotuning config."""
+    from fused_residual._kernels import gemm_add_relu as K
+
+    names = K.gemm_add_relu_kernel.arg_names
+    unit = {"a1_sk": 1, "w1_sk": 1, "a2_sk": 1, "w2_sk": 1, "r_sc": 1, "o_sc": 1, "OH": 1, "OW": 1,
+            "a1_sh": 0, "a1_sw": 0, "a2_sh": 0, "a2_sw": 0, "r_sh": 0, "r_sw": 0, "o_sh": 0, "o_sw": 0}
+    for arch in ARCHS:
+        for dname, ptr, precision, configs in [("fp32", "*fp32", "tf32", K.CONFIGS),
+                                               ("fp32-ieee", "*fp32", "ieee", K.IEEE_FP32_CONFIGS),
+                                               ("fp16", "*fp16", "ieee", K.CONFIGS),
+                                               ("bf16", "*bf16", "ieee", K.CONFIGS)]:
+            for i, cfg in enumerate(configs):
+                consts = dict(unit, HAS_A2=True, HAS_BIAS=True, HAS_RESIDUAL=True,
+                              DOT_PRECISION=precision, NEG_ZERO_TO_POS=True,
+                              INTERPRET=False, **cfg.kwargs)
+                args = {n: ptr if n.endswith("_ptr") else "i32" for n in names if n not in consts}
+                divisible = [n for n in args if n.endswith("_ptr")] + ["M", "N", "K1", "K2", "a1_sn", "w1_sn",
+                                                                         "a2_sn", "w2_sn", "r_sn", "o_sn"]
+                yield (f"gemm_add_relu/{dname}/sm{arch}/config{i}",
+                       lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: compile_variant(
+                           K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))
+        args = {n: "*fp32" if n == "partial_ptr" else "*bf16" for n in K.relu_grad_colsum_kernel.arg_names
+                if n.endswith("_ptr")}
+        args.update({n: "i32" for n in ("M", "N", "g_sn", "o_sn")})
+        yield (f"relu_grad_colsum/bf16/sm{arch}",
+               lambda a=args, arch=arch: compile_variant(
+                   K.relu_grad_colsum_kernel, a,
+                   {"OH": 1, "OW": 1, "g_sh": 0, "g_sw": 0, "g_sc": 1, "o_sh": 0, "o_sw": 0, "o_sc": 1,
+                    "HAS_COLSUM": True, "BLOCK_M": K.GRAD_BLOCK_M, "BLOCK_N": K.GRAD_BLOCK_N},
+                   arch, 4, divisible=list(a) + ["M", "N", "g_sn", "o_sn"]))
+
+
 def variants():
     yield from add_relu_variants()
+    yield from gemm_variants()
 
 
 def main(out_path: str) -> None:

@@ -45,3 +45,26 @@ def test_no_kernel_spills_registers(report):
               if v["spill_stores"] or v["spill_loads"]}
     assert not spills, spills
     assert all(v["registers"] for v in report.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_gemm_uses_wgmma_on_sm90(report, dtype):
+    for name, v in _select(report, f"gemm_add_relu/{dtype}/sm90/").items():
+        assert v["mma"] and all(m.startswith("wgmma.mma_async") for m in v["mma"]), (name, v["mma"])
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_gemm_uses_mma_sync_on_sm80(report, dtype):
+    for name, v in _select(report, f"gemm_add_relu/{dtype}/sm80/").items():
+        assert v["mma"] and all(m.startswith("mma.sync") for m in v["mma"]), (name, v["mma"])
+
+
+def test_ieee_fp32_gemm_stays_off_tensor_cores(report):
+    """TF32 disabled means IEEE fp32 products: no tf32 matrix instructions may appear."""
+    for name, v in _select(report, "gemm_add_relu/fp32-ieee/").items():
+        assert not any("tf32" in m for m in v["mma"]), (name, v["mma"])
+
+
+def test_gemm_loads_are_vectorised(report):
+    for name, v in _select(report, "gemm_add_relu/bf16/").items():
+        assert "ld.global.v4.b32" in v["global_loads"], (name, v["global_loads"])

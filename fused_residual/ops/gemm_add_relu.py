@@ -1,0 +1,487 @@
+"""GEMM + bias + residual + ReLU: launchers, torch.library registration, fake impls and autograd.
+
+Ops (namespace ``fused_residual``):
+
+* ``linear_add_relu(x, weight, residual, bias?)``          relu(x @ weight.T + bias + residual)
+* ``dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias?)``
+                                                            relu(x @ weight.T + shortcut @ shortcut_weight.T + bias)
+* ``conv1x1_add_relu(x, weight, residual, bias?, stride)``  relu(conv2d(x, weight, bias, stride) + residual)
+* ``dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias?, shortcut_stride)``
+                                  relu(conv2d(x, weight, bias) + conv2d(shortcut, shortcut_weight, stride))
+* ``relu_grad_colsum(grad, out, with_colsum) -> (grad_masked, colsum)``   the fused part of the backward
+
+All four forward ops share one Triton kernel (``kernels/gemm_add_relu.py``) and one backward: the ReLU mask
+is applied once, by ``relu_grad_colsum``, which also yields the residual gradient and the two-stage,
+deterministic bias gradient; the input and weight gradients are GEMMs on that masked gradient, run by cuBLAS
+/ cuDNN (``torch.mm``, ``aten.convolution_backward``) rather than Triton: the benchmark in
+``benchmarks/bench_linear.py`` measures our Triton GEMM against ``torch.mm`` and cuBLAS wins or ties on the
+shapes we target, and it is the library users already trust for dgrad/wgrad.
+
+CPU (``cpp``): BLAS does the product with the residual as addmm's beta*C term (or mkldnn's convolution),
+and the C++ kernels apply bias + ReLU (or add the residual + ReLU) in place: one extra pass instead of
+eager's three.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .. import _alloc, _backend, _checks, _cpp, _triton, reference
+from .add_relu import _device_guard, relu_maps_neg_zero
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a 1x1 convolution's output takes from its input: channels_last when the channel
+    dim is x's innermost (also for strided views of channels_last tensors), else contiguous."""
+    if x.dim() != 4 or x.shape[1] == 1:
+        return torch.contiguous_format
+    others = [x.stride(d) for d in (0, 2, 3) if x.shape[d] > 1]
+    return torch.channels_last if all(x.stride(1) < s for s in others) else torch.contiguous_format
+
+
+def conv_out_size(size: int, stride: int) -> int:
+    return (size - 1) // stride + 1
+
+
+@dataclass
+class Operand:
+    """One product ``A @ W^T`` of the accumulator: ``x`` is a [M, K] matrix (linear) or an NCHW-shaped
+    tensor read at ``stride`` (1x1 convolution); ``weight`` is [N, K] or [N, K, 1, 1]."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    stride: int = 1
+
+    def a_strides(self) -> tuple[int, int, int, int]:
+        x, s = self.x, self.stride
+        if x.dim() == 2:
+            return x.stride(0), 0, 0, x.stride(1)
+        return x.stride(0), x.stride(2) * s, x.stride(3) * s, x.stride(1)
+
+    def w_strides(self) -> tuple[int, int]:
+        return self.weight.stride(0), self.weight.stride(1)
+
+    @property
+    def k(self) -> int:
+        return self.weight.shape[1]
+
+
+def mn_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(img, h, w, channel) strides of a [M, N] matrix or an NCHW-shaped tensor."""
+    if t.dim() == 2:
+        return t.stride(0), 0, 0, t.stride(1)
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
+
+
+def grid_of(out: torch.Tensor) -> tuple[int, int, int, int]:
+    """(M, N, OH, OW) of an output [M, N] or [B, N, OH, OW]."""
+    if out.dim() == 2:
+        return out.shape[0], out.shape[1], 1, 1
+    b, n, oh, ow = out.shape
+    return b * oh * ow, n, oh, ow
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 products use TF32 only where PyTorch's matmul would (``torch.backends.cuda.matmul.allow_tf32``)."""
+    if dtype != torch.float32 or device.type != "cuda":
+        return "ieee"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch steers towards fp32_precision; allow_tf32 still answers
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton launchers
+
+
+def _triton_gemm(operands: list[Operand], bias, residual, out) -> None:
+    M, N, OH, OW = grid_of(out)
+    if M == 0 or N == 0:
+        return
+    K = _triton.kernels("gemm_add_relu")
+    a1 = operands[0]
+    a2 = operands[1] if len(operands) > 1 else None
+    interpret = _triton.interpreting()
+    args = [
+        a1.x, a1.weight, a2.x if a2 else a1.x, a2.weight if a2 else a1.weight,
+        bias if bias is not None else out, residual if residual is not None else out, out,
+        M, N, a1.k, a2.k if a2 else 0, OH, OW,
+        *a1.a_strides(), *a1.w_strides(),
+        *(a2.a_strides() if a2 else (0, 0, 0, 0)), *(a2.w_strides() if a2 else (0, 0)),
+        *(mn_strides(residual) if residual is not None else (0, 0, 0, 0)),
+        *mn_strides(out),
+    ]
+    flags = dict(HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                 DOT_PRECISION=dot_precision(out.dtype, out.device),
+                 NEG_ZERO_TO_POS=relu_maps_neg_zero(out.device), INTERPRET=interpret)
+    with _device_guard(out):
+        if interpret:  # one small config: autotuning would run every config on the CPU
+            cfg = K.INTERPRETER_CONFIG
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+            K.gemm_add_relu_kernel[grid](*args, **flags, **cfg)
+        else:
+            def grid(meta):
+                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+            ieee_fp32 = out.dtype == torch.float32 and flags["DOT_PRECISION"] == "ieee"
+            kernel = K.gemm_add_relu_autotuned_ieee_fp32 if ieee_fp32 else K.gemm_add_relu_autotuned
+            kernel[grid](*args, **flags)
+
+
+def _triton_relu_grad_colsum(grad, out, gm, partial) -> None:
+    M, N, OH, OW = grid_of(out)
+    K = _triton.kernels("gemm_add_relu")
+    grid = (triton.cdiv(M, K.GRAD_BLOCK_M), triton.cdiv(N, K.GRAD_BLOCK_N))
+    with _device_guard(out):
+        K.relu_grad_colsum_kernel[grid](
+            grad, out, gm, partial if partial is not None else gm, M, N, OH, OW,
+            *mn_strides(grad), *mn_strides(out),
+            HAS_COLSUM=partial is not None, BLOCK_M=K.GRAD_BLOCK_M, BLOCK_N=K.GRAD_BLOCK_N)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU (cpp) and eager paths
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A [M, N] matrix view of a [M, N] or NCHW-shaped tensor (a view for channels_last, else a copy)."""
+    return t if t.dim() == 2 else t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _cpp_gemm(operands: list[Operand], bias, residual, out) -> None:
+    C = _cpp.module()
+    if out.dim() == 2:
+        a1 = operands[0]
+        # residual (or the bias) rides in addmm's beta*C term: BLAS writes out once with it added.
+        if residual is not None:
+            torch.addmm(residual, a1.x, a1.weight.t(), out=out)
+        elif bias is not None and len(operands) == 1:
+            torch.addmm(bias, a1.x, a1.weight.t(), out=out)
+            bias = None
+        else:
+            torch.mm(a1.x, a1.weight.t(), out=out)
+        for op in operands[1:]:
+            out.addmm_(op.x, op.weight.t())
+        C.bias_relu_rows_(out, bias)
+        return
+    # 1x1 convolutions: mkldnn's convolution, then the residual (or the second product) added and ReLU
+    # applied in one pass by the add_relu kernel.
+    first, rest = operands[0], operands[1:]
+    res = torch.nn.functional.conv2d(first.x, first.weight, bias, stride=first.stride)
+    skip = residual if residual is not None else torch.nn.functional.conv2d(rest[0].x, rest[0].weight,
+                                                                            stride=rest[0].stride)
+    C.add_relu_fwd(res, skip, out, None)
+
+
+def _run(out: torch.Tensor, operands: list[Operand], bias, residual, eager) -> torch.Tensor:
+    """Fill ``out`` on the backend in effect; ``eager()`` is the reference formula for the eager backend."""
+    backend = _backend.resolve(out.device)
+    if backend == "triton":
+        _triton_gemm(operands, bias, residual, out)
+    elif backend == "cpp":
+        _cpp_gemm(operands, bias, residual, out)
+    else:
+        out.copy_(eager())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_weight(op: str, name: str, weight: torch.Tensor, k: int, k_from: str, conv: bool) -> int:
+    if conv:
+        if weight.dim() != 4 or weight.shape[2:] != (1, 1):
+            raise ValueError(f"{op}: {name} must be a 1x1 convolution weight [Cout, Cin, 1, 1], got shape "
+                             f"{tuple(weight.shape)}")
+    elif weight.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != k:
+        raise ValueError(f"{op}: {k_from} has K={k} but {name} {tuple(weight.shape)} has K={weight.shape[1]}")
+    return weight.shape[0]
+
+
+def _check_bias(op: str, bias, n: int) -> None:
+    if bias is not None:
+        _checks.shape(op, "bias", bias, (n,), "one value per output feature")
+
+
+def _check_stride(op: str, name: str, stride: int) -> None:
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"{op}: {name} must be a positive int, got {stride!r}")
+
+
+def _check_linear(op, x, weight, residual, bias) -> int:
+    _checks.floating(op, x=x, weight=weight, residual=residual, bias=bias)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dim [..., K], got a 0-dim tensor")
+    n = _check_weight(op, "weight", weight, x.shape[-1], f"x {tuple(x.shape)}", conv=False)
+    if residual is not None:
+        _checks.shape(op, "residual", residual, (*x.shape[:-1], n), f"x's leading dims and weight's N={n}")
+    _check_bias(op, bias, n)
+    return n
+
+
+def _check_dual_linear(op, x, weight, shortcut, shortcut_weight, bias) -> int:
+    _checks.floating(op, x=x, weight=weight, shortcut=shortcut, shortcut_weight=shortcut_weight, bias=bias)
+    n = _check_linear(op, x, weight, None, bias)
+    if shortcut.dim() < 1 or shortcut.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{op}: shortcut {tuple(shortcut.shape)} must have x's leading dims "
+                         f"{tuple(x.shape[:-1])}")
+    n2 = _check_weight(op, "shortcut_weight", shortcut_weight, shortcut.shape[-1],
+                       f"shortcut {tuple(shortcut.shape)}", conv=False)
+    if n2 != n:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} and shortcut_weight {tuple(shortcut_weight.shape)} "
+                         "must have the same number of outputs N")
+    return n
+
+
+def _check_conv(op, x, weight, residual, bias, stride) -> tuple[int, int, int, int]:
+    _checks.floating(op, x=x, weight=weight, residual=residual, bias=bias)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [B, Cin, H, W], got shape {tuple(x.shape)}")
+    _check_stride(op, "stride", stride)
+    n = _check_weight(op, "weight", weight, x.shape[1], f"x {tuple(x.shape)}", conv=True)
+    out_shape = (x.shape[0], n, conv_out_size(x.shape[2], stride), conv_out_size(x.shape[3], stride))
+    if residual is not None:
+        _checks.shape(op, "residual", residual, out_shape,
+                      f"the output of a stride-{stride} 1x1 convolution of x {tuple(x.shape)}")
+    _check_bias(op, bias, n)
+    return out_shape
+
+
+def _check_dual_conv(op, x, weight, shortcut, shortcut_weight, bias, shortcut_stride):
+    _checks.floating(op, x=x, weight=weight, shortcut=shortcut, shortcut_weight=shortcut_weight, bias=bias)
+    out_shape = _check_conv(op, x, weight, None, bias, 1)
+    if shortcut.dim() != 4:
+        raise ValueError(f"{op}: shortcut must be 4-D [B, C, H, W], got shape {tuple(shortcut.shape)}")
+    _check_stride(op, "shortcut_stride", shortcut_stride)
+    n2 = _check_weight(op, "shortcut_weight", shortcut_weight, shortcut.shape[1],
+                       f"shortcut {tuple(shortcut.shape)}", conv=True)
+    short_out = (shortcut.shape[0], n2, conv_out_size(shortcut.shape[2], shortcut_stride),
+                 conv_out_size(shortcut.shape[3], shortcut_stride))
+    if short_out != out_shape:
+        raise ValueError(f"{op}: the shortcut's stride-{shortcut_stride} output {short_out} (shortcut "
+                         f"{tuple(shortcut.shape)}, shortcut_weight {tuple(shortcut_weight.shape)}) does not "
+                         f"match the main output {out_shape} (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
+    return out_shape
+
+
+def _conv_out(x: torch.Tensor, out_shape) -> torch.Tensor:
+    fmt = output_memory_format(x)
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return _alloc.empty_strided(out.shape, out.stride(), x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ops
+
+
+@torch.library.custom_op("fused_residual::linear_add_relu", mutates_args=())
+def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    n = _check_linear("linear_add_relu", x, weight, residual, bias)
+    out = _alloc.empty((*x.shape[:-1], n), x)
+    return _run(out.view(-1, n), [Operand(x.reshape(-1, x.shape[-1]), weight)], bias,
+                residual.reshape(-1, n), lambda: reference.linear_add_relu(x, weight, residual, bias).view(-1, n)
+                ).view(out.shape)
+
+
+@linear_add_relu.register_fake
+def _(x, weight, residual, bias=None):
+    n = _check_linear("linear_add_relu", x, weight, residual, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("fused_residual::dual_linear_add_relu", mutates_args=())
+def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
+                         shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    n = _check_dual_linear("dual_linear_add_relu", x, weight, shortcut, shortcut_weight, bias)
+    out = _alloc.empty((*x.shape[:-1], n), x)
+    operands = [Operand(x.reshape(-1, x.shape[-1]), weight),
+                Operand(shortcut.reshape(-1, shortcut.shape[-1]), shortcut_weight)]
+    return _run(out.view(-1, n), operands, bias, None,
+                lambda: reference.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias).view(-1, n)
+                ).view(out.shape)
+
+
+@dual_linear_add_relu.register_fake
+def _(x, weight, shortcut, shortcut_weight, bias=None):
+    n = _check_dual_linear("dual_linear_add_relu", x, weight, shortcut, shortcut_weight, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("fused_residual::conv1x1_add_relu", mutates_args=())
+def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                     bias: torch.Tensor | None = None, stride: int = 1) -> torch.Tensor:
+    out_shape = _check_conv("conv1x1_add_relu", x, weight, residual, bias, stride)
+    out = _conv_out(x, out_shape)
+    return _run(out, [Operand(x, weight, stride)], bias, residual,
+                lambda: reference.conv1x1_add_relu(x, weight, residual, bias, stride))
+
+
+@conv1x1_add_relu.register_fake
+def _(x, weight, residual, bias=None, stride=1):
+    out_shape = _check_conv("conv1x1_add_relu", x, weight, residual, bias, stride)
+    return torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("fused_residual::dual_conv1x1_add_relu", mutates_args=())
+def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
+                          shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          shortcut_stride: int = 1) -> torch.Tensor:
+    out_shape = _check_dual_conv("dual_conv1x1_add_relu", x, weight, shortcut, shortcut_weight, bias,
+                                 shortcut_stride)
+    out = _conv_out(x, out_shape)
+    return _run(out, [Operand(x, weight), Operand(shortcut, shortcut_weight, shortcut_stride)], bias, None,
+                lambda: reference.dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias,
+                                                        shortcut_stride))
+
+
+@dual_conv1x1_add_relu.register_fake
+def _(x, weight, shortcut, shortcut_weight, bias=None, shortcut_stride=1):
+    out_shape = _check_dual_conv("dual_conv1x1_add_relu", x, weight, shortcut, shortcut_weight, bias,
+                                 shortcut_stride)
+    return torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+# ---- backward --------------------------------------------------------------------------------------------
+
+
+def _grad_layout(out: torch.Tensor) -> dict:
+    return {} if out.dim() == 2 else {"memory_format": torch.channels_last}
+
+
+@torch.library.custom_op("fused_residual::relu_grad_colsum", mutates_args=())
+def relu_grad_colsum(grad: torch.Tensor, out: torch.Tensor, with_colsum: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad where not (out <= 0) else 0, its fp32 sums over all dims but the channel dim, or an empty
+    tensor). ``grad``/``out`` are [M, N] or NCHW-shaped; the masked gradient comes back row-major [M, N]
+    (channels_last for NCHW shapes), the layout the dgrad/wgrad GEMMs read fastest."""
+    _checks.floating("relu_grad_colsum", grad=grad, out=out)
+    _checks.same_shape("relu_grad_colsum", "grad", grad, "out", out)
+    if out.dim() not in (2, 4):
+        raise ValueError(f"relu_grad_colsum: expected a 2-D or 4-D out, got shape {tuple(out.shape)}")
+    M, N, _, _ = grid_of(out)
+    gm = torch.empty(out.shape, dtype=out.dtype, device=out.device, **_grad_layout(out))
+    gm = _alloc.empty_strided(gm.shape, gm.stride(), out)
+    colsum = _alloc.empty((N,) if with_colsum else (0,), out, dtype=torch.float32)
+    backend = _backend.resolve(out.device)
+    if backend == "triton":
+        K = _triton.kernels("gemm_add_relu")
+        partial = torch.empty((triton.cdiv(M, K.GRAD_BLOCK_M), N), dtype=torch.float32, device=out.device) \
+            if with_colsum else None
+        _triton_relu_grad_colsum(grad, out, gm, partial)
+        if with_colsum:  # stage two: a fixed-order sum over the per-tile partials (no atomics)
+            torch.sum(partial, dim=0, out=colsum)
+    elif backend == "cpp":
+        _cpp.module().masked_grad_colsum(_as_rows(grad).contiguous(), _as_rows(out).contiguous(), _as_rows(gm),
+                                         colsum if with_colsum else None)
+    else:
+        gm.copy_(reference.relu_backward(grad, out))
+        if with_colsum:
+            colsum.copy_(_as_rows(gm).sum(dim=0, dtype=torch.float32))
+    return gm, colsum
+
+
+@relu_grad_colsum.register_fake
+def _(grad, out, with_colsum):
+    _checks.same_shape("relu_grad_colsum", "grad", grad, "out", out)
+    n = out.shape[1]
+    return (torch.empty(out.shape, dtype=out.dtype, device=out.device, **_grad_layout(out)),
+            out.new_empty((n,) if with_colsum else (0,), dtype=torch.float32))
+
+
+def _masked_grad(grad, out, bias_needed):
+    gm, colsum = relu_grad_colsum(grad, out, bias_needed)
+    return gm, (colsum.to(out.dtype) if bias_needed else None)
+
+
+def _linear_grads(gm2d, x, weight, need_x, need_w):
+    x2d = x.reshape(-1, x.shape[-1])
+    gx = (gm2d @ weight).view(x.shape) if need_x else None
+    gw = gm2d.t() @ x2d if need_w else None
+    return gx, gw
+
+
+def _conv_grads(gm, x, weight, stride, need_x, need_w):
+    if not (need_x or need_w):
+        return None, None
+    gx, gw, _ = torch.ops.aten.convolution_backward(gm, x, weight, None, [stride, stride], [0, 0], [1, 1],
+                                                    False, [0, 0], 1, [need_x, need_w, False])
+    return gx, gw
+
+
+def _setup_linear(ctx, inputs, output):
+    x, weight, residual, bias = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+
+
+def _backward_linear(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    n = out.shape[-1]
+    need = ctx.needs_input_grad
+    gm, gb = _masked_grad(grad.reshape(-1, n), out.view(-1, n), ctx.has_bias and need[3])
+    gx, gw = _linear_grads(gm, x, weight, need[0], need[1])
+    return gx, gw, gm.view(out.shape) if need[2] else None, gb
+
+
+def _setup_dual_linear(ctx, inputs, output):
+    x, weight, shortcut, shortcut_weight, bias = inputs
+    ctx.save_for_backward(x, weight, shortcut, shortcut_weight, output)
+    ctx.has_bias = bias is not None
+
+
+def _backward_dual_linear(ctx, grad):
+    x, weight, shortcut, shortcut_weight, out = ctx.saved_tensors
+    n = out.shape[-1]
+    need = ctx.needs_input_grad
+    gm, gb = _masked_grad(grad.reshape(-1, n), out.view(-1, n), ctx.has_bias and need[4])
+    gx, gw = _linear_grads(gm, x, weight, need[0], need[1])
+    gs, gsw = _linear_grads(gm, shortcut, shortcut_weight, need[2], need[3])
+    return gx, gw, gs, gsw, gb
+
+
+def _setup_conv(ctx, inputs, output):
+    x, weight, residual, bias, stride = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+    ctx.stride = stride
+
+
+def _backward_conv(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gm, gb = _masked_grad(grad, out, ctx.has_bias and need[3])
+    gx, gw = _conv_grads(gm, x, weight, ctx.stride, need[0], need[1])
+    return gx, gw, gm if need[2] else None, gb, None
+
+
+def _setup_dual_conv(ctx, inputs, output):
+    x, weight, shortcut, shortcut_weight, bias, shortcut_stride = inputs
+    ctx.save_for_backward(x, weight, shortcut, shortcut_weight, output)
+    ctx.has_bias = bias is not None
+    ctx.shortcut_stride = shortcut_stride
+
+
+def _backward_dual_conv(ctx, grad):
+    x, weight, shortcut, shortcut_weight, out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gm, gb = _masked_grad(grad, out, ctx.has_bias and need[4])
+    gx, gw = _conv_grads(gm, x, weight, 1, need[0], need[1])
+    gs, gsw = _conv_grads(gm, shortcut, shortcut_weight, ctx.shortcut_stride, need[2], need[3])
+    return gx, gw, gs, gsw, gb, None
+
+
+linear_add_relu.register_autograd(_backward_linear, setup_context=_setup_linear)
+dual_linear_add_relu.register_autograd(_backward_dual_linear, setup_context=_setup_dual_linear)
+conv1x1_add_relu.register_autograd(_backward_conv, setup_context=_setup_conv)
+dual_conv1x1_add_relu.register_autograd(_backward_dual_conv, setup_context=_setup_dual_conv)

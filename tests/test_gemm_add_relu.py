@@ -1,0 +1,345 @@
+"""GEMM + bias + residual + ReLU ops: accuracy against fp64 (forward and every gradient), layouts, the ReLU
+kink, determinism, bad input, opcheck and torch.compile."""
+
+import pytest
+import torch
+
+import fused_residual as fr
+from fused_residual import reference
+from fused_residual.ops import gemm_add_relu as gemm_ops
+from helpers import DTYPES, assert_close_to_ref, device_backend_params, poisoned
+
+# Pre-activations closer to 0 than this (relative to their scale) get a zero output gradient in the
+# gradient checks: there the ReLU gate legitimately flips with rounding, in eager as in fused code.
+KINK_MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _sliced_cl(t):
+    """A strided view of a channels_last buffer twice as large in H and W."""
+    b, c, h, w = t.shape
+    big = _cl(torch.zeros(b, c, 2 * h, 2 * w, dtype=t.dtype, device=t.device))
+    view = big[:, :, ::2, ::2]
+    view.copy_(t)
+    return view
+
+
+def _t(t):
+    return t.t().contiguous().t()
+
+
+# name -> (public fn, reference fn, builder(dtype, device) -> list of args)
+def _linear_args(lead, k, n, bias=True, x_layout=None, r_layout=None):
+    def build(dtype, device):
+        x = torch.randn(*lead, k, device=device)
+        w = torch.randn(n, k, device=device) / k**0.5
+        r = torch.randn(*lead, n, device=device)
+        b = torch.randn(n, device=device) if bias else None
+        x, w, r = x.to(dtype), w.to(dtype), r.to(dtype)
+        x = x_layout(x) if x_layout else x
+        r = r_layout(r) if r_layout else r
+        return [x, w, r, b.to(dtype) if b is not None else None]
+    return build
+
+
+def _dual_linear_args(lead, k1, k2, n, bias=True):
+    def build(dtype, device):
+        x = torch.randn(*lead, k1, device=device).to(dtype)
+        s = torch.randn(*lead, k2, device=device).to(dtype)
+        w = (torch.randn(n, k1, device=device) / k1**0.5).to(dtype)
+        ws = (torch.randn(n, k2, device=device) / k2**0.5).to(dtype)
+        b = torch.randn(n, device=device).to(dtype) if bias else None
+        return [x, w, s, ws, b]
+    return build
+
+
+def _conv_args(b, cin, h, w_, cout, stride, bias=True, x_layout=None, r_layout=None):
+    def build(dtype, device):
+        x = torch.randn(b, cin, h, w_, device=device).to(dtype)
+        w = (torch.randn(cout, cin, 1, 1, device=device) / cin**0.5).to(dtype)
+        oh, ow = (h - 1) // stride + 1, (w_ - 1) // stride + 1
+        r = torch.randn(b, cout, oh, ow, device=device).to(dtype)
+        bb = torch.randn(cout, device=device).to(dtype) if bias else None
+        x = x_layout(x) if x_layout else x
+        r = r_layout(r) if r_layout else r
+        return [x, w, r, bb, stride]
+    return build
+
+
+def _dual_conv_args(b, c1, c2, oh, ow, cout, stride, bias=True):
+    def build(dtype, device):
+        x = _cl(torch.randn(b, c1, oh, ow, device=device).to(dtype))
+        s = _cl(torch.randn(b, c2, oh * stride, ow * stride, device=device).to(dtype))
+        w = (torch.randn(cout, c1, 1, 1, device=device) / c1**0.5).to(dtype)
+        ws = (torch.randn(cout, c2, 1, 1, device=device) / c2**0.5).to(dtype)
+        bb = torch.randn(cout, device=device).to(dtype) if bias else None
+        return [x, w, s, ws, bb, stride]
+    return build
+
+
+CASES = {
+    "linear-3d-bias": (fr.linear_add_relu, reference.linear_add_relu, _linear_args((5, 7), 24, 40)),
+    "linear-1x1": (fr.linear_add_relu, reference.linear_add_relu, _linear_args((1,), 1, 1)),
+    "linear-views-nobias": (fr.linear_add_relu, reference.linear_add_relu,
+                            _linear_args((33,), 64, 48, bias=False, x_layout=_t, r_layout=_t)),
+    "linear-odd": (fr.linear_add_relu, reference.linear_add_relu, _linear_args((70,), 37, 19)),
+    "dual-linear": (fr.dual_linear_add_relu, reference.dual_linear_add_relu, _dual_linear_args((6, 5), 20, 12, 24)),
+    "dual-linear-nobias": (fr.dual_linear_add_relu, reference.dual_linear_add_relu,
+                           _dual_linear_args((9,), 3, 40, 7, bias=False)),
+    "conv-nchw-s1": (fr.conv1x1_add_relu, reference.conv1x1_add_relu, _conv_args(2, 16, 6, 5, 24, 1)),
+    "conv-nchw-s2-odd": (fr.conv1x1_add_relu, reference.conv1x1_add_relu,
+                         _conv_args(2, 8, 7, 5, 12, 2, r_layout=_cl)),
+    "conv-cl-s2": (fr.conv1x1_add_relu, reference.conv1x1_add_relu,
+                   _conv_args(3, 16, 8, 8, 32, 2, x_layout=_cl, r_layout=_cl)),
+    "conv-strided-view-nobias": (fr.conv1x1_add_relu, reference.conv1x1_add_relu,
+                                 _conv_args(2, 8, 4, 6, 16, 1, bias=False, x_layout=_sliced_cl)),
+    "dual-conv-s2": (fr.dual_conv1x1_add_relu, reference.dual_conv1x1_add_relu, _dual_conv_args(2, 16, 8, 4, 3, 24, 2)),
+}
+
+
+def _pre_activation(ref_fn, args):
+    """The fp64 pre-activation: the ops are odd in (inputs, residual, bias) for fixed weights, so
+    relu(pre) - relu(-pre) = ref(args) - ref(args with all but the weights negated)."""
+    weights = {1, 3} if ref_fn in (reference.dual_linear_add_relu, reference.dual_conv1x1_add_relu) else {1}
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    negated = [-a if isinstance(a, torch.Tensor) and i not in weights else a for i, a in enumerate(plain)]
+    return ref_fn(*plain) - ref_fn(*negated)
+
+
+def _requires_grad(args):
+    return [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _cast(args, dtype):
+    return [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _grads(args):
+    return [a.grad for a in args if isinstance(a, torch.Tensor)]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_accuracy_forward_and_gradients(device, backend, dtype, case):
+    fused_fn, ref_fn, build = CASES[case]
+    base = build(dtype, device)
+
+    ref_args = _cast(base, torch.float64)
+    ref_out = ref_fn(*ref_args)
+    # The gradient is zeroed where the fp64 pre-activation is within the kink margin (see KINK_MARGIN).
+    pre = _pre_activation(ref_fn, ref_args)
+    near_kink = pre.abs() < KINK_MARGIN[dtype] * max(1.0, pre.abs().max().item())
+    grad = torch.where(near_kink, 0.0, torch.randn(ref_out.shape, device=device, dtype=torch.float64))
+    ref_out.backward(grad)
+
+    eager_args = _cast(base, dtype)
+    eager_out = ref_fn(*eager_args)
+    eager_out.backward(grad.to(dtype))
+
+    args = _requires_grad(base)
+    with fr.use_backend(backend), poisoned():
+        out = fused_fn(*args)
+        out.backward(grad.to(dtype))
+
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close_to_ref(out.detach(), eager_out.detach(), ref_out.detach(), f"{case} forward")
+    names = [f"grad[{i}]" for i, a in enumerate(base) if isinstance(a, torch.Tensor)]
+    for name, g, ge, g64 in zip(names, _grads(args), _grads(eager_args), _grads(ref_args)):
+        if g64 is None:
+            continue
+        assert g is not None and g.dtype == dtype, f"{case} {name} missing or wrong dtype"
+        assert_close_to_ref(g, ge, g64, f"{case} {name}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_no_gradient_where_pre_activation_is_exactly_zero(device, backend):
+    x = torch.randn(6, 8, device=device)
+    x[2] = 0.0  # row 2: x @ W.T = 0 exactly; with residual 0 and bias 0 the pre-activation is exactly 0
+    w = torch.randn(5, 8, device=device)
+    r = torch.randn(6, 5, device=device)
+    r[2] = 0.0
+    b = torch.zeros(5, device=device)
+    x, w, r, b = (t.requires_grad_() for t in (x, w, r, b))
+    with fr.use_backend(backend):
+        out = fr.linear_add_relu(x, w, r, b)
+    assert torch.equal(out[2].detach(), torch.zeros(5, device=device))
+    out.backward(torch.ones_like(out))
+    assert torch.equal(r.grad[2], torch.zeros(5, device=device))
+    assert torch.equal(x.grad[2], torch.zeros(8, device=device))
+    expected_b = (out.detach() > 0).sum(0).to(b.grad.dtype)
+    assert torch.equal(b.grad, expected_b)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_bias_gradient_is_deterministic(device, backend):
+    x = torch.randn(300, 33, device=device, dtype=torch.float16)
+    w = torch.randn(70, 33, device=device, dtype=torch.float16) / 6
+    r = torch.randn(300, 70, device=device, dtype=torch.float16)
+    g = torch.randn(300, 70, device=device, dtype=torch.float16)
+    grads = []
+    for _ in range(3):
+        b = torch.randn(70, device=device, dtype=torch.float16).mul_(0).requires_grad_()
+        with fr.use_backend(backend):
+            fr.linear_add_relu(x, w, r, b).backward(g)
+        grads.append(b.grad)
+    assert all(torch.equal(grads[0], gb) for gb in grads[1:])
+
+
+def test_conv_output_keeps_the_input_memory_format():
+    w = torch.randn(8, 4, 1, 1)
+    for x, cl in [(torch.randn(2, 4, 6, 6), False), (_cl(torch.randn(2, 4, 6, 6)), True),
+                  (_sliced_cl(torch.randn(2, 4, 3, 3)), True)]:
+        r = torch.randn(2, 8, x.shape[2], x.shape[3])
+        for backend in ("cpp", "eager"):
+            with fr.use_backend(backend):
+                out = fr.conv1x1_add_relu(x, w, r)
+            assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def test_tf32_follows_torch_matmul_setting():
+    cuda = torch.device("cuda")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert gemm_ops.dot_precision(torch.float32, cuda) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert gemm_ops.dot_precision(torch.float32, cuda) == "tf32"
+        assert gemm_ops.dot_precision(torch.bfloat16, cuda) == "ieee"  # fp16/bf16 use tensor cores anyway
+        assert gemm_ops.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.cuda
+def test_fp32_without_tf32_is_ieee_accurate():
+    assert not torch.backends.cuda.matmul.allow_tf32  # PyTorch's default
+    x = torch.randn(512, 1024, device="cuda")
+    w = torch.randn(256, 1024, device="cuda")
+    r = torch.randn(512, 256, device="cuda")
+    out = fr.linear_add_relu(x, w, r)
+    ref = reference.linear_add_relu(x.double(), w.double(), r.double())
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-6, f"relative error {rel:.2e}: looks like TF32"
+
+
+@pytest.mark.cuda
+def test_int64_addressing_past_2_pow_31_elements():
+    m, k, n = 2**22 + 77, 64, 512  # out and residual hold > 2**31 elements
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") / 8).to(torch.bfloat16)
+    r = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    out = fr.linear_add_relu(x, w, r)
+    for rows in (slice(0, 4096), slice(m - 4096, m)):
+        ref = reference.linear_add_relu(x[rows].double(), w.double(), r[rows].double())
+        eager = reference.linear_add_relu(x[rows], w, r[rows])
+        assert_close_to_ref(out[rows], eager, ref, f"rows {rows}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_autocast_runs_in_the_autocast_dtype(device, backend):
+    dtype = torch.bfloat16
+    x, r = torch.randn(8, 16, device=device), torch.randn(8, 12, device=device)
+    lin = torch.nn.Linear(16, 12).to(device)
+    with fr.use_backend(backend), torch.autocast(device, dtype=dtype):
+        out = fr.linear_add_relu(x, lin.weight, r, lin.bias)
+        eager = torch.relu(lin(x) + r)
+    assert out.dtype == dtype
+    ref = reference.linear_add_relu(x.double(), lin.weight.double(), r.double(), lin.bias.double())
+    assert_close_to_ref(out, eager.to(dtype), ref, "autocast")
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+def test_bad_input_names_the_shapes():
+    x, w, r = torch.randn(4, 8), torch.randn(5, 8), torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"K=8.*\(5, 9\).*K=9"):
+        fr.linear_add_relu(x, torch.randn(5, 9), r)
+    with pytest.raises(ValueError, match=r"residual has shape \(4, 6\), expected \(4, 5\)"):
+        fr.linear_add_relu(x, w, torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"bias has shape \(4,\), expected \(5,\)"):
+        fr.linear_add_relu(x, w, r, torch.randn(4))
+    with pytest.raises(TypeError, match="float32.*float16"):
+        fr.linear_add_relu(x, w.half(), r)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got int"):
+        fr.linear_add_relu(x, w, r, 3)
+    with pytest.raises(TypeError, match="int64"):
+        fr.linear_add_relu(x.long(), w.long(), r.long())
+    with pytest.raises(ValueError, match=r"shortcut_weight \(5, 3\).*K=3|K=4.*\(5, 3\)"):
+        fr.dual_linear_add_relu(x, w, torch.randn(4, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"same number of outputs"):
+        fr.dual_linear_add_relu(x, w, torch.randn(4, 3), torch.randn(6, 3))
+    with pytest.raises(ValueError, match=r"leading dims"):
+        fr.dual_linear_add_relu(x, w, torch.randn(3, 3), torch.randn(5, 3))
+
+    xc = torch.randn(2, 8, 7, 7)
+    with pytest.raises(ValueError, match=r"1x1 convolution weight.*\(4, 8, 3, 3\)"):
+        fr.conv1x1_add_relu(xc, torch.randn(4, 8, 3, 3), torch.randn(2, 4, 7, 7))
+    with pytest.raises(ValueError, match=r"residual has shape \(2, 4, 7, 7\), expected \(2, 4, 4, 4\).*stride-2"):
+        fr.conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 4, 7, 7), stride=2)
+    with pytest.raises(ValueError, match="stride must be a positive int, got 0"):
+        fr.conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 4, 7, 7), stride=0)
+    with pytest.raises(ValueError, match=r"shortcut's stride-1 output \(2, 4, 14, 14\).*main output \(2, 4, 7, 7\)"):
+        fr.dual_conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 3, 14, 14), torch.randn(4, 3, 1, 1))
+
+
+@pytest.mark.cuda
+def test_device_mismatch_names_devices():
+    with pytest.raises(ValueError, match="cpu.*cuda"):
+        fr.linear_add_relu(torch.randn(4, 8), torch.randn(5, 8, device="cuda"), torch.randn(4, 5))
+
+
+# ---- registration ----------------------------------------------------------------------------------------
+
+
+def _op_samples(device):
+    ops = torch.ops.fused_residual
+    samples = []
+    for name, (fused_fn, _, build) in CASES.items():
+        op = getattr(ops, fused_fn.__name__).default
+        samples.append((op, tuple(_requires_grad(build(torch.float32, device)))))
+    g, o = torch.randn(6, 10, device=device), torch.randn(6, 10, device=device)
+    samples.append((ops.relu_grad_colsum.default, (g, o, True)))
+    g4, o4 = torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 3, 4, 5, device=device)
+    samples.append((ops.relu_grad_colsum.default, (g4, o4, False)))
+    return samples
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_opcheck(device, backend):
+    with fr.use_backend(backend):
+        for op, args in _op_samples(device):
+            torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("case", ["linear-3d-bias", "dual-linear", "conv-cl-s2", "dual-conv-s2"])
+def test_compile_fullgraph_forward_backward(device, backend, case):
+    torch._dynamo.reset()
+    fused_fn, ref_fn, build = CASES[case]
+    args = _requires_grad(build(torch.float32, device))
+    compiled = torch.compile(lambda *a: fused_fn(*a) * 2, fullgraph=True, backend="aot_eager")
+    with fr.use_backend(backend):
+        out = compiled(*args)
+        out.sum().backward()
+    ref_args = _cast(args, torch.float64)
+    ref = ref_fn(*ref_args) * 2
+    ref.sum().backward()
+    assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4)
+    for g, g64 in zip(_grads(args), _grads(ref_args)):
+        assert torch.allclose(g.double(), g64, atol=1e-3, rtol=1e-3)
+
+
+def test_compile_inductor_linear_add_relu():
+    torch._dynamo.reset()
+    x, w, r, b = _requires_grad(_linear_args((16,), 32, 24)(torch.float32, "cpu"))
+    compiled = torch.compile(lambda *a: fr.linear_add_relu(*a).square(), fullgraph=True)
+    out = compiled(x, w, r, b)
+    out.sum().backward()
+    ref = reference.linear_add_relu(x.detach(), w.detach(), r.detach(), b.detach()).square()
+    assert torch.allclose(out.detach(), ref, atol=1e-5, rtol=1e-5)
+    assert x.grad is not None and w.grad is not None and b.grad is not None
