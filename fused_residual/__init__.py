@@ -5,22 +5,28 @@ matrix product with a bias + residual + ReLU epilogue. All are ``torch.ops.fused
 autograd, and run on Triton (CUDA), C++ (CPU) or the eager reference (see :func:`use_backend`).
 """
 
-from . import reference  # noqa: F401
+from . import nn, reference  # noqa: F401
 from ._backend import BACKENDS, BackendUnavailable, current_backend, use_backend
 from .functional import (add_relu, add_relu_, conv1x1_add_relu, dual_conv1x1_add_relu, dual_linear_add_relu,
                          linear_add_relu)
+
+from .integrations import ConversionReport, conversion_report, convert, revert
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "ConversionReport",
     "add_relu",
     "add_relu_",
     "conv1x1_add_relu",
+    "conversion_report",
+    "convert",
     "dual_conv1x1_add_relu",
     "dual_linear_add_relu",
     "linear_add_relu",
+    "revert",
     "current_backend",
     "use_backend",
 ]

@@ -1,0 +1,124 @@
+"""What the torchvision and timm integrations share: BN folding, shortcut parsing and the fused block tails.
+
+Every helper decides per call whether a BatchNorm can be folded (``fold_bn``): it can when the BN module is
+in eval mode with running statistics. Folded weights are computed from the current parameters and buffers
+at each forward, so they are never stale and carry autograd; nothing is stored on the modules, so
+``state_dict`` and ``load_state_dict`` behave exactly as before conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import functional as fr
+
+
+def bn_foldable(bn: nn.Module) -> bool:
+    """``bn`` normalises with fixed statistics right now (eval mode, running stats present)."""
+    return (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
+            and bn.running_var is not None)
+
+
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
+    """(weight', bias') of the convolution followed by ``bn`` in eval mode, as one convolution."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale if bias is None else (bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
+    """``bn(conv(x))``, as a single convolution with folded weights when ``bn`` can be folded."""
+    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and bn_foldable(bn):
+        w, b = fold_bn(conv.weight, conv.bias, bn)
+        return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return bn(conv(x))
+
+
+def is_gemm_conv(conv: nn.Module, stride_one: bool = False) -> bool:
+    """A plain 1x1 convolution (square stride, no padding, dilation or groups): a GEMM over pixels."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1
+            and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
+            and conv.stride[0] == conv.stride[1] and (not stride_one or conv.stride == (1, 1)))
+
+
+@dataclass
+class Projection:
+    """A downsample shortcut ``[pool,] conv, bn``, the structures torchvision and timm build."""
+
+    pool: nn.Module | None
+    conv: nn.Conv2d
+    bn: nn.Module
+
+    @staticmethod
+    def parse(downsample: nn.Module | None) -> "Projection | None":
+        if not isinstance(downsample, nn.Sequential):
+            return None
+        parts = list(downsample)
+        if len(parts) == 2 and type(parts[0]) is nn.Conv2d:
+            return Projection(None, parts[0], parts[1])
+        if len(parts) == 3 and type(parts[1]) is nn.Conv2d and isinstance(parts[0], (nn.AvgPool2d, nn.Identity)):
+            return Projection(None if isinstance(parts[0], nn.Identity) else parts[0], parts[1], parts[2])
+        return None
+
+    def gemm_ready(self) -> bool:
+        return is_gemm_conv(self.conv) and bn_foldable(self.bn)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) if self.pool is not None else x
+
+    def folded(self):
+        return fold_bn(self.conv.weight, self.conv.bias, self.bn)
+
+
+def shortcut(downsample: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    if downsample is None:
+        return x
+    proj = Projection.parse(downsample)
+    if proj is None:
+        return downsample(x)
+    return conv_bn(proj.input(x), proj.conv, proj.bn)
+
+
+def add_relu_tail(out: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``out += skip; out = relu(out)`` as the blocks write it, in one pass (in place, like eager)."""
+    return fr.add_relu_(out, skip if skip.dtype == out.dtype else skip.to(out.dtype))
+
+
+def basic_tail(out: torch.Tensor, x: torch.Tensor, downsample: nn.Module | None) -> torch.Tensor:
+    """``relu(out + shortcut(x))`` for a BasicBlock: when the projection's BN can be folded, the shortcut's
+    1x1 GEMM runs with ``out`` as its residual and the ReLU in its epilogue."""
+    proj = Projection.parse(downsample)
+    if proj is not None and proj.gemm_ready():
+        w, b = proj.folded()
+        return fr.conv1x1_add_relu(proj.input(x), w, out, b, stride=proj.conv.stride[0])
+    return add_relu_tail(out, shortcut(downsample, x))
+
+
+def bottleneck_tail(h: torch.Tensor, x: torch.Tensor, conv3: nn.Module, bn3: nn.Module,
+                    downsample: nn.Module | None) -> torch.Tensor:
+    """``relu(bn3(conv3(h)) + shortcut(x))`` for a Bottleneck: with BN folded, conv3 and the projection
+    accumulate in one dual GEMM kernel (or conv3 takes the identity as its residual)."""
+    if is_gemm_conv(conv3, stride_one=True) and bn_foldable(bn3):
+        w3, b3 = fold_bn(conv3.weight, conv3.bias, bn3)
+        if downsample is None:
+            return fr.conv1x1_add_relu(h, w3, x, b3)
+        proj = Projection.parse(downsample)
+        if proj is not None and proj.gemm_ready():
+            wd, bd = proj.folded()
+            return fr.dual_conv1x1_add_relu(h, w3, proj.input(x), wd, b3 + bd, shortcut_stride=proj.conv.stride[0])
+    return add_relu_tail(conv_bn(h, conv3, bn3), shortcut(downsample, x))
+
+
+def passes_through(m: nn.Module | None) -> bool:
+    """``m`` is absent or returns its input unchanged right now (Identity, or drop-path in eval mode)."""
+    if m is None or isinstance(m, nn.Identity):
+        return True
+    return type(m).__name__ == "DropPath" and (not m.training or getattr(m, "drop_prob", 1.0) == 0.0)

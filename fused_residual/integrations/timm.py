@@ -1,0 +1,64 @@
+"""timm ResNet blocks (``timm.models.resnet.BasicBlock`` / ``Bottleneck``), fused.
+
+As for torchvision (see ``integrations/torchvision.py``), with timm's extra block parts honoured: drop_block,
+anti-aliasing (``aa``) and the inner activations run as they are; a block with squeeze-excitation (``se``)
+or an active drop-path keeps the add+ReLU tail fused but does not fold conv3+bn3 into the tail GEMM (the
+``se`` module sits between them). The tail activation (``act2`` / ``act3``) must be ReLU.
+"""
+
+from __future__ import annotations
+
+from timm.models import resnet
+from torch import nn
+
+from ._common import add_relu_tail, basic_tail, bottleneck_tail, conv_bn, passes_through, shortcut
+
+
+def _tail_act(block: nn.Module) -> nn.Module:
+    return block.act3 if isinstance(block, resnet.Bottleneck) else block.act2
+
+
+def why_not(block: nn.Module) -> str | None:
+    act = _tail_act(block)
+    if type(act) is not nn.ReLU:
+        return f"tail activation is {type(act).__name__}, not ReLU"
+    return None
+
+
+class FusedBasicBlock(resnet.BasicBlock):
+    def forward(self, x):
+        if why_not(self):
+            return super().forward(x)
+        shortcut_in = x
+        x = conv_bn(x, self.conv1, self.bn1)
+        x = self.aa(self.act1(self.drop_block(x)))
+        x = conv_bn(x, self.conv2, self.bn2)
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return basic_tail(x, shortcut_in, self.downsample)
+
+
+class FusedBottleneck(resnet.Bottleneck):
+    def forward(self, x):
+        if why_not(self):
+            return super().forward(x)
+        shortcut_in = x
+        x = self.act1(conv_bn(x, self.conv1, self.bn1))
+        x = conv_bn(x, self.conv2, self.bn2)
+        x = self.aa(self.act2(self.drop_block(x)))
+        if self.se is None and passes_through(self.drop_path):
+            return bottleneck_tail(x, shortcut_in, self.conv3, self.bn3, self.downsample)
+        x = conv_bn(x, self.conv3, self.bn3)
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return add_relu_tail(x, shortcut(self.downsample, shortcut_in))
+
+
+BLOCKS = {
+    resnet.BasicBlock: (FusedBasicBlock, why_not, "timm.BasicBlock"),
+    resnet.Bottleneck: (FusedBottleneck, why_not, "timm.Bottleneck"),
+}

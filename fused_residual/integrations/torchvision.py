@@ -1,0 +1,49 @@
+"""torchvision ResNet blocks (``torchvision.models.resnet.BasicBlock`` / ``Bottleneck``), fused.
+
+``convert`` swaps a block's class for the subclass below (same attributes, parameters and buffers; only
+``forward`` differs); ``revert`` swaps it back.
+
+Train mode: the tail ``out += identity; relu`` runs as one in-place ``add_relu_``.
+Eval mode: every conv+BN pair is folded into one convolution; the Bottleneck's conv3+bn3 and the downsample
+conv+bn run as one ``dual_conv1x1_add_relu`` kernel (identity blocks: ``conv1x1_add_relu`` with the input as
+the residual); the BasicBlock's downsample runs as ``conv1x1_add_relu`` with the main path as the residual.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import resnet
+
+from ._common import basic_tail, bottleneck_tail, conv_bn
+
+
+def why_not(block: nn.Module) -> str | None:
+    """Why ``block`` cannot be converted, or None."""
+    if type(block.relu) is not nn.ReLU:
+        return f"activation is {type(block.relu).__name__}, not ReLU"
+    return None
+
+
+class FusedBasicBlock(resnet.BasicBlock):
+    def forward(self, x):
+        if why_not(self):  # the activation was swapped after conversion: run the original block
+            return super().forward(x)
+        out = self.relu(conv_bn(x, self.conv1, self.bn1))
+        out = conv_bn(out, self.conv2, self.bn2)
+        return basic_tail(out, x, self.downsample)
+
+
+class FusedBottleneck(resnet.Bottleneck):
+    def forward(self, x):
+        if why_not(self):
+            return super().forward(x)
+        out = self.relu(conv_bn(x, self.conv1, self.bn1))
+        out = self.relu(conv_bn(out, self.conv2, self.bn2))
+        return bottleneck_tail(out, x, self.conv3, self.bn3, self.downsample)
+
+
+# original class -> (fused class, why_not, short name)
+BLOCKS = {
+    resnet.BasicBlock: (FusedBasicBlock, why_not, "torchvision.BasicBlock"),
+    resnet.Bottleneck: (FusedBottleneck, why_not, "torchvision.Bottleneck"),
+}
