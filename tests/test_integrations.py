@@ -1,0 +1,326 @@
+"""Modules and the torchvision / timm integration: parity with the unconverted models, state_dict, revert,
+memory formats, autocast, torch.compile and DDP."""
+
+import copy
+import logging
+import pickle
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import fused_residual as fr
+from fused_residual.integrations import timm as fr_timm
+from fused_residual.integrations import torchvision as fr_tv
+from helpers import assert_bitwise_equal, assert_close_to_ref
+
+MODELS = {
+    "tv-resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "tv-resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+    "timm-resnet18": lambda: timm.create_model("resnet18", num_classes=10),
+    "timm-resnet50": lambda: timm.create_model("resnet50", num_classes=10),
+}
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so that folding has something to fold."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+def _pair(name):
+    model = randomize_bn(MODELS[name]())
+    return model, fr.convert(copy.deepcopy(model))
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eval_matches_unconverted_model(name):
+    model, fused = _pair(name)
+    model.eval(), fused.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert _rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_train_outputs_gradients_and_running_stats_match(name):
+    model, fused = _pair(name)
+    x = torch.randn(2, 3, 64, 64)
+    ref, out = model(x), fused(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    ref.square().mean().backward()
+    out.square().mean().backward()
+    ref_params = dict(model.named_parameters())
+    for pname, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[pname].grad, rtol=1e-5, atol=1e-7, msg=pname)
+    for (bname, b), (_, rb) in zip(fused.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7, msg=bname)
+
+
+def test_conversion_report_counts_and_reasons(caplog):
+    model = torchvision.models.resnet50()
+    model.layer4[2].relu = nn.GELU()
+    with caplog.at_level(logging.INFO, logger="fused_residual"):
+        fr.convert(model)
+    report = fr.conversion_report(model)
+    assert report.counts() == {"torchvision.Bottleneck": 15}
+    assert report.skipped == [("layer4.2", "torchvision.Bottleneck", "activation is GELU, not ReLU")]
+    assert "converted 15 blocks (15 x torchvision.Bottleneck); skipped 1" in caplog.text
+    assert "activation is GELU" in str(report)
+
+
+def test_subclasses_with_their_own_forward_are_left_alone():
+    class MyBlock(torchvision.models.resnet.BasicBlock):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(MyBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
+    fr.convert(model)
+    assert type(model[0]) is MyBlock and type(model[1]) is fr_tv.FusedBasicBlock
+    assert "has its own forward" in fr.conversion_report(model).skipped[0][2]
+
+
+def test_timm_block_with_non_relu_tail_is_skipped():
+    model = timm.create_model("resnet18", act_layer=nn.SiLU)
+    fr.convert(model)
+    report = fr.conversion_report(model)
+    assert not report.converted and len(report.skipped) == 8
+    assert "SiLU, not ReLU" in report.skipped[0][2]
+
+
+def test_state_dict_identical_and_loading_takes_effect():
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fr.convert(model)
+    after = model.state_dict()
+    assert list(before) == list(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    other = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert _rel(model(x), other(x)) < 1e-4
+
+
+def test_folded_weights_are_never_stale():
+    model, fused = _pair("tv-resnet18")
+    model.eval(), fused.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        fused(x)  # run once, then change parameters and buffers the folds depend on
+        for m in (model, fused):
+            torch.manual_seed(1)
+            m.layer2[0].downsample[1].running_var.mul_(3.0)
+            m.layer2[0].downsample[0].weight.mul_(-1.5)
+            m.layer3[1].bn2.weight.add_(0.7)
+        assert _rel(fused(x), model(x)) < 1e-4
+
+
+def test_revert_restores_original_forward_exactly():
+    model = torchvision.models.resnet18()
+    classes = [type(m) for m in model.modules()]
+    fr.convert(model)
+    assert fr.conversion_report(model).converted
+    fr.revert(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert all(type(m).forward is type(m).__dict__.get("forward", type(m).forward) for m in model.modules())
+    assert not fr.conversion_report(model).converted
+
+
+def test_convert_not_inplace_leaves_the_original():
+    model = torchvision.models.resnet18()
+    fused = fr.convert(model, inplace=False)
+    assert fused is not model
+    assert not fr.conversion_report(model).converted and fr.conversion_report(fused).converted
+
+
+def test_converted_model_pickles_and_deepcopies():
+    fused = fr.convert(torchvision.models.resnet18())
+    clone = pickle.loads(pickle.dumps(fused))
+    assert type(clone.layer1[0]) is fr_tv.FusedBasicBlock
+    assert type(copy.deepcopy(fused).layer1[0]) is fr_tv.FusedBasicBlock
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_channels_last_stays_channels_last(train):
+    model, fused = _pair("tv-resnet50")
+    model = model.to(memory_format=torch.channels_last).train(train)
+    fused = fused.to(memory_format=torch.channels_last).train(train)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    seen = []
+    for block in fused.modules():
+        if isinstance(block, (fr_tv.FusedBottleneck,)):
+            block.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        out, ref = fused(x), model(x)
+    assert seen and all(seen)
+    assert _rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("train", [False, True])
+def test_autocast(dtype, train):
+    model, fused = _pair("tv-resnet18")
+    model.train(train), fused.train(train)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+        out, ref = fused(x), model(x)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+    assert out.dtype == ref.dtype
+    assert_close_to_ref(out.float().to(dtype), ref.to(dtype), ref64, "autocast logits")
+
+
+def test_compile_fullgraph_of_converted_model():
+    torch._dynamo.reset()
+    model, fused = _pair("tv-resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(fused.conv1.weight.grad, model.conv1.weight.grad, rtol=1e-4, atol=1e-6)
+    fused.eval(), model.eval()
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_triton_backend_on_single_blocks(family, kind):
+    """One block per kind, eval (folded GEMM tails) and train, through the Triton kernels."""
+    from fused_residual import _triton
+
+    if not _triton.interpreting() and not torch.cuda.is_available():
+        pytest.fail("Triton must run interpreted on CPU tensors here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if family == "torchvision":
+        cls = torchvision.models.resnet.BasicBlock if kind == "basic" else torchvision.models.resnet.Bottleneck
+        expansion = cls.expansion
+        ds = nn.Sequential(nn.Conv2d(8, 4 * expansion, 1, stride=2, bias=False), nn.BatchNorm2d(4 * expansion))
+        block = cls(8, 4, stride=2, downsample=ds)
+    else:
+        cls = timm.models.resnet.BasicBlock if kind == "basic" else timm.models.resnet.Bottleneck
+        expansion = cls.expansion
+        ds = timm.models.resnet.downsample_conv(8, 4 * expansion, 1, stride=2)
+        block = cls(8, 4, stride=2, downsample=ds)
+    block = randomize_bn(block).to(device)
+    fused = fr.convert(copy.deepcopy(block))
+    x = torch.randn(2, 8, 6, 6, device=device)
+    for train in (False, True):
+        block.train(train), fused.train(train)
+        with fr.use_backend("triton"), torch.no_grad():
+            out = fused(x)
+        with torch.no_grad():
+            ref = block(x)
+        assert _rel(out, ref) < 1e-4, f"train={train}"
+
+
+# ---- modules ---------------------------------------------------------------------------------------------
+
+
+def test_addrelu_module():
+    m = fr.nn.AddReLU(save="mask")
+    z, s = torch.randn(5, 6, requires_grad=True), torch.randn(5, 6)
+    assert_bitwise_equal(m(z, s), torch.relu(z + s))
+    assert "mask" in repr(m)
+    with pytest.raises(ValueError, match="'bits'"):
+        fr.nn.AddReLU(save="bits")
+
+
+@pytest.mark.parametrize("in_f,out_f", [(16, 16), (16, 24)])
+def test_residual_block_matches_its_formula(in_f, out_f):
+    block = fr.nn.ResidualBlock(in_f, out_f, hidden_features=32)
+    assert isinstance(block.shortcut, nn.Identity) == (in_f == out_f)
+    a = torch.randn(7, 3, in_f, dtype=torch.float64).float().requires_grad_()
+    out = block(a)
+    sc = a if in_f == out_f else block.shortcut(a)
+    ref = torch.relu(block.fc2(torch.relu(block.fc1(a))) + sc)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    g = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad()
+    ref.sum().backward()
+    for n, p in block.named_parameters():
+        torch.testing.assert_close(g[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_deep_stack_of_residual_blocks_trains():
+    torch.manual_seed(0)
+    dims = [32] + [32] * 7 + [48] * 8
+    model = nn.Sequential(*[fr.nn.ResidualBlock(i, o, hidden_features=64) for i, o in zip(dims[:-1], dims[1:])],
+                          nn.Linear(48, 1))
+    x = torch.randn(256, 32)
+    y = (x[:, :4].sum(1, keepdim=True)).sin()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = nn.functional.mse_loss(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first, (first, loss.item())
+
+
+# ---- DDP -------------------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, world, port, convert, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10))
+    if convert:
+        fr.convert(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    torch.manual_seed(100 + rank)
+    x = torch.randn(2, 3, 32, 32)
+    ddp(x).square().mean().backward()
+    if rank == 0:  # numpy arrays travel by value (a torch tensor would need this process to stay alive)
+        queue.put({n: p.grad.numpy().copy() for n, p in model.named_parameters()})
+    dist.destroy_process_group()
+
+
+def _ddp_grads(convert):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, convert, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    grads = {n: torch.from_numpy(g) for n, g in queue.get(timeout=300).items()}
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    return grads
+
+
+def test_ddp_two_processes_gloo_gives_the_same_gradients():
+    ref, fused = _ddp_grads(False), _ddp_grads(True)
+    assert ref.keys() == fused.keys()
+    for n in ref:
+        torch.testing.assert_close(fused[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
