@@ -5,8 +5,8 @@ import torch
 
 import fused_residual as fr
 from fused_residual.ops import add_relu as add_relu_ops
-from helpers import (DTYPES, LAYOUTS, assert_bitwise_equal, device_backend_params, layout, poisoned,
-                     with_specials)
+from fused_residual import verify
+from helpers import DTYPES, LAYOUTS, assert_bitwise_equal, device_backend_params, layout, with_specials
 
 SHAPES = [(1,), (7,), (1000,), (3, 5, 7, 9), (2, 64, 14, 14), (2, 3, 2, 3, 2, 3)]
 # (z layout, skip layout, grad layout): equal layouts take the flat kernels, the rest the strided ones.
@@ -35,22 +35,13 @@ def _eager(z, skip, grad):
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layouts", list(_cases()))
-@pytest.mark.parametrize("save", ["output", "mask"])
-def test_bit_exact_with_eager(device, backend, dtype, shape, layouts, save):
-    lz, ls, lg = layouts
-    z = layout(with_specials(torch.randn(shape, dtype=dtype, device=device)), lz).requires_grad_()
-    skip = layout(with_specials(torch.randn(shape, dtype=dtype, device=device)), ls).requires_grad_()
-    grad = layout(with_specials(torch.randn(shape, dtype=dtype, device=device)), lg)
-    ref_out, ref_gz, ref_gs = _eager(z, skip, grad)
-
-    with fr.use_backend(backend), poisoned():
-        out = fr.add_relu(z, skip, save=save)
-        out.backward(grad)
-
-    assert out.stride() == torch.empty_like(z).stride(), "output must keep z's memory format"
-    assert_bitwise_equal(out.detach(), ref_out, "forward")
-    assert_bitwise_equal(z.grad, ref_gz, "grad z")
-    assert_bitwise_equal(skip.grad, ref_gs, "grad skip")
+@pytest.mark.parametrize("mode", ["output", "mask", "inplace"])
+def test_bit_exact_with_eager(device, backend, dtype, shape, layouts, mode):
+    """Forward, both gradients and the output layout, bit for bit (fused_residual.verify's check)."""
+    checks = verify.check_add_relu(shape, layouts, dtype, device, backend, mode)
+    assert len(checks) == 3 and [c.what for c in checks] == ["forward", "grad z", "grad skip"]
+    failed = [f"{c.what}: {c.note}" for c in checks if not c.ok]
+    assert not failed, failed
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

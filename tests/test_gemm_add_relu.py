@@ -7,114 +7,18 @@ import torch
 import fused_residual as fr
 from fused_residual import reference
 from fused_residual.ops import gemm_add_relu as gemm_ops
-from helpers import DTYPES, assert_close_to_ref, device_backend_params, poisoned
+from fused_residual import verify
+from helpers import DTYPES, assert_close_to_ref, device_backend_params
 
-# Pre-activations closer to 0 than this (relative to their scale) get a zero output gradient in the
-# gradient checks: there the ReLU gate legitimately flips with rounding, in eager as in fused code.
-KINK_MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
-
-
-def _cl(t):
-    return t.contiguous(memory_format=torch.channels_last)
+CASES = verify.GEMM_CASES
 
 
-def _sliced_cl(t):
-    """A strided view of a channels_last buffer twice as large in H and W."""
-    b, c, h, w = t.shape
-    big = _cl(torch.zeros(b, c, 2 * h, 2 * w, dtype=t.dtype, device=t.device))
-    view = big[:, :, ::2, ::2]
-    view.copy_(t)
-    return view
+def _build(case, dtype, device):
+    return CASES[case][1](dtype, device)
 
 
-def _t(t):
-    return t.t().contiguous().t()
-
-
-# name -> (public fn, reference fn, builder(dtype, device) -> list of args)
-def _linear_args(lead, k, n, bias=True, x_layout=None, r_layout=None):
-    def build(dtype, device):
-        x = torch.randn(*lead, k, device=device)
-        w = torch.randn(n, k, device=device) / k**0.5
-        r = torch.randn(*lead, n, device=device)
-        b = torch.randn(n, device=device) if bias else None
-        x, w, r = x.to(dtype), w.to(dtype), r.to(dtype)
-        x = x_layout(x) if x_layout else x
-        r = r_layout(r) if r_layout else r
-        return [x, w, r, b.to(dtype) if b is not None else None]
-    return build
-
-
-def _dual_linear_args(lead, k1, k2, n, bias=True):
-    def build(dtype, device):
-        x = torch.randn(*lead, k1, device=device).to(dtype)
-        s = torch.randn(*lead, k2, device=device).to(dtype)
-        w = (torch.randn(n, k1, device=device) / k1**0.5).to(dtype)
-        ws = (torch.randn(n, k2, device=device) / k2**0.5).to(dtype)
-        b = torch.randn(n, device=device).to(dtype) if bias else None
-        return [x, w, s, ws, b]
-    return build
-
-
-def _conv_args(b, cin, h, w_, cout, stride, bias=True, x_layout=None, r_layout=None):
-    def build(dtype, device):
-        x = torch.randn(b, cin, h, w_, device=device).to(dtype)
-        w = (torch.randn(cout, cin, 1, 1, device=device) / cin**0.5).to(dtype)
-        oh, ow = (h - 1) // stride + 1, (w_ - 1) // stride + 1
-        r = torch.randn(b, cout, oh, ow, device=device).to(dtype)
-        bb = torch.randn(cout, device=device).to(dtype) if bias else None
-        x = x_layout(x) if x_layout else x
-        r = r_layout(r) if r_layout else r
-        return [x, w, r, bb, stride]
-    return build
-
-
-def _dual_conv_args(b, c1, c2, oh, ow, cout, stride, bias=True):
-    def build(dtype, device):
-        x = _cl(torch.randn(b, c1, oh, ow, device=device).to(dtype))
-        s = _cl(torch.randn(b, c2, oh * stride, ow * stride, device=device).to(dtype))
-        w = (torch.randn(cout, c1, 1, 1, device=device) / c1**0.5).to(dtype)
-        ws = (torch.randn(cout, c2, 1, 1, device=device) / c2**0.5).to(dtype)
-        bb = torch.randn(cout, device=device).to(dtype) if bias else None
-        return [x, w, s, ws, bb, stride]
-    return build
-
-
-CASES = {
-    "linear-3d-bias": (fr.linear_add_relu, reference.linear_add_relu, _linear_args((5, 7), 24, 40)),
-    "linear-1x1": (fr.linear_add_relu, reference.linear_add_relu, _linear_args((1,), 1, 1)),
-    "linear-views-nobias": (fr.linear_add_relu, reference.linear_add_relu,
-                            _linear_args((33,), 64, 48, bias=False, x_layout=_t, r_layout=_t)),
-    "linear-odd": (fr.linear_add_relu, reference.linear_add_relu, _linear_args((70,), 37, 19)),
-    "dual-linear": (fr.dual_linear_add_relu, reference.dual_linear_add_relu, _dual_linear_args((6, 5), 20, 12, 24)),
-    "dual-linear-nobias": (fr.dual_linear_add_relu, reference.dual_linear_add_relu,
-                           _dual_linear_args((9,), 3, 40, 7, bias=False)),
-    "conv-nchw-s1": (fr.conv1x1_add_relu, reference.conv1x1_add_relu, _conv_args(2, 16, 6, 5, 24, 1)),
-    "conv-nchw-s2-odd": (fr.conv1x1_add_relu, reference.conv1x1_add_relu,
-                         _conv_args(2, 8, 7, 5, 12, 2, r_layout=_cl)),
-    "conv-cl-s2": (fr.conv1x1_add_relu, reference.conv1x1_add_relu,
-                   _conv_args(3, 16, 8, 8, 32, 2, x_layout=_cl, r_layout=_cl)),
-    "conv-strided-view-nobias": (fr.conv1x1_add_relu, reference.conv1x1_add_relu,
-                                 _conv_args(2, 8, 4, 6, 16, 1, bias=False, x_layout=_sliced_cl)),
-    "dual-conv-s2": (fr.dual_conv1x1_add_relu, reference.dual_conv1x1_add_relu, _dual_conv_args(2, 16, 8, 4, 3, 24, 2)),
-}
-
-
-def _pre_activation(ref_fn, args):
-    """The fp64 pre-activation: the ops are odd in (inputs, residual, bias) for fixed weights, so
-    relu(pre) - relu(-pre) = ref(args) - ref(args with all but the weights negated)."""
-    weights = {1, 3} if ref_fn in (reference.dual_linear_add_relu, reference.dual_conv1x1_add_relu) else {1}
-    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    negated = [-a if isinstance(a, torch.Tensor) and i not in weights else a for i, a in enumerate(plain)]
-    return ref_fn(*plain) - ref_fn(*negated)
-
-
-def _requires_grad(args):
+def _leaves(args):
     return [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-
-
-def _cast(args, dtype):
-    return [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _grads(args):
@@ -125,34 +29,12 @@ def _grads(args):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_accuracy_forward_and_gradients(device, backend, dtype, case):
-    fused_fn, ref_fn, build = CASES[case]
-    base = build(dtype, device)
-
-    ref_args = _cast(base, torch.float64)
-    ref_out = ref_fn(*ref_args)
-    # The gradient is zeroed where the fp64 pre-activation is within the kink margin (see KINK_MARGIN).
-    pre = _pre_activation(ref_fn, ref_args)
-    near_kink = pre.abs() < KINK_MARGIN[dtype] * max(1.0, pre.abs().max().item())
-    grad = torch.where(near_kink, 0.0, torch.randn(ref_out.shape, device=device, dtype=torch.float64))
-    ref_out.backward(grad)
-
-    eager_args = _cast(base, dtype)
-    eager_out = ref_fn(*eager_args)
-    eager_out.backward(grad.to(dtype))
-
-    args = _requires_grad(base)
-    with fr.use_backend(backend), poisoned():
-        out = fused_fn(*args)
-        out.backward(grad.to(dtype))
-
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    assert_close_to_ref(out.detach(), eager_out.detach(), ref_out.detach(), f"{case} forward")
-    names = [f"grad[{i}]" for i, a in enumerate(base) if isinstance(a, torch.Tensor)]
-    for name, g, ge, g64 in zip(names, _grads(args), _grads(eager_args), _grads(ref_args)):
-        if g64 is None:
-            continue
-        assert g is not None and g.dtype == dtype, f"{case} {name} missing or wrong dtype"
-        assert_close_to_ref(g, ge, g64, f"{case} {name}")
+    """Forward and every gradient within the accuracy rule of float64 (fused_residual.verify's check)."""
+    checks = verify.check_gemm(case, dtype, device, backend)
+    n_tensors = sum(isinstance(a, torch.Tensor) for a in _build(case, dtype, device))
+    assert len(checks) == 1 + n_tensors, [c.what for c in checks]
+    failed = [f"{c.what}: error {c.error:.3g}, eager {c.eager_error}" for c in checks if not c.ok]
+    assert not failed, failed
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
@@ -191,8 +73,8 @@ def test_bias_gradient_is_deterministic(device, backend):
 
 def test_conv_output_keeps_the_input_memory_format():
     w = torch.randn(8, 4, 1, 1)
-    for x, cl in [(torch.randn(2, 4, 6, 6), False), (_cl(torch.randn(2, 4, 6, 6)), True),
-                  (_sliced_cl(torch.randn(2, 4, 3, 3)), True)]:
+    for x, cl in [(torch.randn(2, 4, 6, 6), False), (verify._cl(torch.randn(2, 4, 6, 6)), True),
+                  (verify._sliced_cl(torch.randn(2, 4, 3, 3)), True)]:
         r = torch.randn(2, 8, x.shape[2], x.shape[3])
         for backend in ("cpp", "eager"):
             with fr.use_backend(backend):
@@ -299,9 +181,9 @@ def test_device_mismatch_names_devices():
 def _op_samples(device):
     ops = torch.ops.fused_residual
     samples = []
-    for name, (fused_fn, _, build) in CASES.items():
+    for name, ((fused_fn, _, _), build, _) in CASES.items():
         op = getattr(ops, fused_fn.__name__).default
-        samples.append((op, tuple(_requires_grad(build(torch.float32, device)))))
+        samples.append((op, tuple(_leaves(build(torch.float32, device)))))
     g, o = torch.randn(6, 10, device=device), torch.randn(6, 10, device=device)
     samples.append((ops.relu_grad_colsum.default, (g, o, True)))
     g4, o4 = torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 3, 4, 5, device=device)
@@ -320,13 +202,13 @@ def test_opcheck(device, backend):
 @pytest.mark.parametrize("case", ["linear-3d-bias", "dual-linear", "conv-cl-s2", "dual-conv-s2"])
 def test_compile_fullgraph_forward_backward(device, backend, case):
     torch._dynamo.reset()
-    fused_fn, ref_fn, build = CASES[case]
-    args = _requires_grad(build(torch.float32, device))
+    (fused_fn, ref_fn, _), build, _ = CASES[case]
+    args = _leaves(build(torch.float32, device))
     compiled = torch.compile(lambda *a: fused_fn(*a) * 2, fullgraph=True, backend="aot_eager")
     with fr.use_backend(backend):
         out = compiled(*args)
         out.sum().backward()
-    ref_args = _cast(args, torch.float64)
+    ref_args = [a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     ref = ref_fn(*ref_args) * 2
     ref.sum().backward()
     assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4)
@@ -336,7 +218,7 @@ def test_compile_fullgraph_forward_backward(device, backend, case):
 
 def test_compile_inductor_linear_add_relu():
     torch._dynamo.reset()
-    x, w, r, b = _requires_grad(_linear_args((16,), 32, 24)(torch.float32, "cpu"))
+    x, w, r, b = _leaves(verify.linear_case((16,), 32, 24)(torch.float32, "cpu"))
     compiled = torch.compile(lambda *a: fr.linear_add_relu(*a).square(), fullgraph=True)
     out = compiled(x, w, r, b)
     out.sum().backward()

@@ -94,6 +94,7 @@ def test_subclasses_with_their_own_forward_are_left_alone():
 
 
 def test_timm_block_with_non_relu_tail_is_skipped():
+    assert type(fr.convert(timm.create_model("resnet50")).layer1[0]) is fr_timm.FusedBottleneck
     model = timm.create_model("resnet18", act_layer=nn.SiLU)
     fr.convert(model)
     report = fr.conversion_report(model)

@@ -1,0 +1,313 @@
+"""Numerics verification of every fused op against eager PyTorch and a float64 reference.
+
+``run()`` walks a grid of ops, dtypes, shapes and layouts, forward and backward, and returns one
+:class:`Check` per compared tensor; ``fused-residual verify`` prints them as a table. The test suite runs
+the same checks (``tests/test_add_relu.py``, ``tests/test_gemm_add_relu.py``), so what users verify on their
+machine is what CI asserts.
+
+* add_relu (both save modes, and in place): forward and both gradients bit-identical to eager, with NaN,
+  +-Inf and +-0 among the inputs, outputs poisoned so an unwritten element shows.
+* GEMM ops: forward and every gradient within ``2 * eager's error + atol * max(1, |ref|)`` of float64
+  (``fused_residual.testing.accuracy``); the output gradient is zeroed where the float64 pre-activation is
+  within a rounding margin of the ReLU kink, where eager's own gate flips with rounding.
+* a converted torchvision Bottleneck (projection shortcut, stride 2) against the unconverted block, in
+  eval (BN folded into the dual GEMM) and train mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from . import _alloc, _backend, functional, reference
+from .testing import accuracy, bitwise_mismatches, layout, with_specials
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Pre-activations closer to 0 than this (relative to their scale) get a zero output gradient in the GEMM
+# gradient checks: there the ReLU gate legitimately flips with rounding, in eager as in fused code.
+KINK_MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+@dataclass
+class Check:
+    op: str
+    dtype: str
+    layout: str
+    shape: str
+    what: str
+    error: float
+    eager_error: float | None  # None where eager itself is the reference (bit-exact checks)
+    ok: bool
+    note: str = ""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def _shape(t) -> str:
+    return "x".join(map(str, t)) if len(t) else "scalar"
+
+
+# ---- add_relu ---------------------------------------------------------------------------------------------
+
+
+def _exact(op, dtype, lay, shape, what, actual, expected) -> Check:
+    n, first = bitwise_mismatches(actual, expected)
+    diff = (actual.double() - expected.double()).abs().nan_to_num(0.0)
+    err = diff.max().item() if diff.numel() else 0.0
+    return Check(op, _dtype_name(dtype), lay, _shape(expected.shape), what, err, None, n == 0,
+                 "" if n == 0 else f"{n} elements differ; {first}")
+
+
+def check_add_relu(shape, layouts: tuple[str, str, str], dtype: torch.dtype, device: str, backend: str | None,
+                   mode: str = "output") -> list[Check]:
+    """add_relu (``mode`` "output" or "mask") or add_relu_ ("inplace") against eager, bit for bit."""
+    lz, ls, lg = layouts
+    base_z = with_specials(torch.randn(shape, dtype=dtype, device=device))
+    base_s = with_specials(torch.randn(shape, dtype=dtype, device=device))
+    grad = layout(with_specials(torch.randn(shape, dtype=dtype, device=device)), lg)
+    op = "add_relu_" if mode == "inplace" else f"add_relu[save={mode}]"
+    lay = "/".join(layouts)
+
+    ez, es = base_z.clone().requires_grad_(), layout(base_s, ls).requires_grad_()
+    if mode == "inplace":
+        ref = torch.relu_(layout(ez * 1, lz).add_(es))
+    else:
+        ref = torch.relu(layout(ez, lz) + es)
+    ref.backward(grad)
+
+    z_leaf = base_z.clone().requires_grad_()
+    skip = layout(base_s, ls).requires_grad_()
+    with _backend.use_backend(backend or _backend.current_backend()), _alloc.poison_outputs():
+        if mode == "inplace":
+            z = layout(z_leaf * 1, lz)
+            out = functional.add_relu_(z, skip)
+            expected_stride = z.stride()
+        else:
+            z = layout(z_leaf, lz)
+            out = functional.add_relu(z, skip, save=mode)
+            expected_stride = torch.empty_like(z).stride()
+        out.backward(grad)
+    checks = [
+        _exact(op, dtype, lay, shape, "forward", out.detach(), ref.detach()),
+        _exact(op, dtype, lay, shape, "grad z", z_leaf.grad, ez.grad),
+        _exact(op, dtype, lay, shape, "grad skip", skip.grad, es.grad),
+    ]
+    if out.stride() != expected_stride:
+        checks.append(Check(op, _dtype_name(dtype), lay, _shape(shape), "layout", float("nan"), None, False,
+                            f"output strides {out.stride()}, expected {expected_stride}"))
+    return checks
+
+
+# ---- GEMM ops ----------------------------------------------------------------------------------------------
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _sliced_cl(t):
+    """A strided view of a channels_last buffer twice as large in H and W."""
+    b, c, h, w = t.shape
+    view = _cl(torch.zeros(b, c, 2 * h, 2 * w, dtype=t.dtype, device=t.device))[:, :, ::2, ::2]
+    view.copy_(t)
+    return view
+
+
+def _t(t):
+    return t.t().contiguous().t()
+
+
+def _rand(*shape, device, scale=1.0):
+    return torch.randn(*shape, device=device) * scale
+
+
+def linear_case(lead, k, n, bias=True, x_layout=None, r_layout=None):
+    def build(dtype, device):
+        x = _rand(*lead, k, device=device).to(dtype)
+        r = _rand(*lead, n, device=device).to(dtype)
+        return [x_layout(x) if x_layout else x, _rand(n, k, device=device, scale=k**-0.5).to(dtype),
+                r_layout(r) if r_layout else r, _rand(n, device=device).to(dtype) if bias else None]
+    return build
+
+
+def dual_linear_case(lead, k1, k2, n, bias=True):
+    def build(dtype, device):
+        return [_rand(*lead, k1, device=device).to(dtype), _rand(n, k1, device=device, scale=k1**-0.5).to(dtype),
+                _rand(*lead, k2, device=device).to(dtype), _rand(n, k2, device=device, scale=k2**-0.5).to(dtype),
+                _rand(n, device=device).to(dtype) if bias else None]
+    return build
+
+
+def conv_case(b, cin, h, w, cout, stride, bias=True, x_layout=None, r_layout=None):
+    def build(dtype, device):
+        x = _rand(b, cin, h, w, device=device).to(dtype)
+        r = _rand(b, cout, (h - 1) // stride + 1, (w - 1) // stride + 1, device=device).to(dtype)
+        return [x_layout(x) if x_layout else x, _rand(cout, cin, 1, 1, device=device, scale=cin**-0.5).to(dtype),
+                r_layout(r) if r_layout else r, _rand(cout, device=device).to(dtype) if bias else None, stride]
+    return build
+
+
+def dual_conv_case(b, c1, c2, oh, ow, cout, stride, bias=True):
+    def build(dtype, device):
+        return [_cl(_rand(b, c1, oh, ow, device=device).to(dtype)),
+                _rand(cout, c1, 1, 1, device=device, scale=c1**-0.5).to(dtype),
+                _cl(_rand(b, c2, oh * stride, ow * stride, device=device).to(dtype)),
+                _rand(cout, c2, 1, 1, device=device, scale=c2**-0.5).to(dtype),
+                _rand(cout, device=device).to(dtype) if bias else None, stride]
+    return build
+
+
+LINEAR = (functional.linear_add_relu, reference.linear_add_relu, (1,))
+DUAL_LINEAR = (functional.dual_linear_add_relu, reference.dual_linear_add_relu, (1, 3))
+CONV = (functional.conv1x1_add_relu, reference.conv1x1_add_relu, (1,))
+DUAL_CONV = (functional.dual_conv1x1_add_relu, reference.dual_conv1x1_add_relu, (1, 3))
+
+# name -> ((fused fn, reference fn, indices of the weights), input builder, layout label)
+GEMM_CASES = {
+    "linear-3d-bias": (LINEAR, linear_case((5, 7), 24, 40), "contiguous"),
+    "linear-1x1": (LINEAR, linear_case((1,), 1, 1), "contiguous"),
+    "linear-views-nobias": (LINEAR, linear_case((33,), 64, 48, bias=False, x_layout=_t, r_layout=_t), "transposed"),
+    "linear-odd": (LINEAR, linear_case((70,), 37, 19), "contiguous"),
+    "dual-linear": (DUAL_LINEAR, dual_linear_case((6, 5), 20, 12, 24), "contiguous"),
+    "dual-linear-nobias": (DUAL_LINEAR, dual_linear_case((9,), 3, 40, 7, bias=False), "contiguous"),
+    "conv-nchw-s1": (CONV, conv_case(2, 16, 6, 5, 24, 1), "nchw"),
+    "conv-nchw-s2-odd": (CONV, conv_case(2, 8, 7, 5, 12, 2, r_layout=_cl), "nchw/cl residual"),
+    "conv-cl-s2": (CONV, conv_case(3, 16, 8, 8, 32, 2, x_layout=_cl, r_layout=_cl), "channels_last"),
+    "conv-strided-view-nobias": (CONV, conv_case(2, 8, 4, 6, 16, 1, bias=False, x_layout=_sliced_cl),
+                                 "strided cl view"),
+    "dual-conv-s2": (DUAL_CONV, dual_conv_case(2, 16, 8, 4, 3, 24, 2), "channels_last"),
+}
+
+
+def pre_activation(ref_fn, weight_idx, args):
+    """The float64 pre-activation: the ops are odd in (inputs, residual, bias) for fixed weights, so
+    relu(pre) - relu(-pre) = ref(args) - ref(args with all but the weights negated)."""
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    negated = [-a if isinstance(a, torch.Tensor) and i not in weight_idx else a for i, a in enumerate(plain)]
+    return ref_fn(*plain) - ref_fn(*negated)
+
+
+def _leaves(args, dtype=None):
+    return [(a.detach().to(dtype) if dtype else a.detach()).requires_grad_() if isinstance(a, torch.Tensor) else a
+            for a in args]
+
+
+def check_gemm(case: str, dtype: torch.dtype, device: str, backend: str | None) -> list[Check]:
+    (fused_fn, ref_fn, weight_idx), build, lay = GEMM_CASES[case]
+    base = build(dtype, device)
+    ref_args = _leaves(base, torch.float64)
+    ref_out = ref_fn(*ref_args)
+    pre = pre_activation(ref_fn, weight_idx, ref_args)
+    near_kink = pre.abs() < KINK_MARGIN[dtype] * max(1.0, pre.abs().max().item())
+    grad = torch.where(near_kink, 0.0, torch.randn(ref_out.shape, device=device, dtype=torch.float64))
+    ref_out.backward(grad)
+
+    eager_args = _leaves(base)
+    eager_out = ref_fn(*eager_args)
+    eager_out.backward(grad.to(dtype))
+
+    args = _leaves(base)
+    with _backend.use_backend(backend or _backend.current_backend()), _alloc.poison_outputs():
+        out = fused_fn(*args)
+        out.backward(grad.to(dtype))
+
+    name, shape = fused_fn.__name__, _shape(ref_out.shape)
+    acc = accuracy(out.detach(), eager_out.detach(), ref_out.detach())
+    checks = [Check(name, _dtype_name(dtype), lay, shape, "forward", acc.error, acc.eager_error,
+                    acc.ok and out.dtype == dtype, case)]
+    arg_names = list(fused_fn.__code__.co_varnames[:len(base)])
+    for arg_name, a, e, r in zip(arg_names, args, eager_args, ref_args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if a.grad is None or a.grad.dtype != dtype:
+            checks.append(Check(name, _dtype_name(dtype), lay, shape, f"grad {arg_name}", float("nan"), None,
+                                False, f"{case}: gradient missing or not {dtype}"))
+            continue
+        acc = accuracy(a.grad, e.grad, r.grad)
+        checks.append(Check(name, _dtype_name(dtype), lay, shape, f"grad {arg_name}", acc.error, acc.eager_error,
+                            acc.ok, case))
+    return checks
+
+
+# ---- converted ResNet block ------------------------------------------------------------------------------
+
+
+def check_resnet_block(dtype: torch.dtype, device: str, backend: str | None, train: bool) -> list[Check]:
+    """A torchvision Bottleneck with a stride-2 projection, converted vs unconverted."""
+    from torch import nn
+    from torchvision.models.resnet import Bottleneck
+
+    from . import integrations
+
+    block = Bottleneck(32, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(32, 64, 1, stride=2, bias=False),
+                                                                 nn.BatchNorm2d(64)))
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.3, 0.3)
+    block = block.to(device=device, dtype=dtype).train(train)
+    fused = integrations.convert(copy.deepcopy(block))
+    ref64 = copy.deepcopy(block).double()
+    x = torch.randn(2, 32, 8, 8, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager = block(x)
+        expected = ref64(x.double())
+        with _backend.use_backend(backend or _backend.current_backend()):
+            out = fused(x)
+    acc = accuracy(out, eager, expected)
+    what = "train forward" if train else "eval forward (BN folded)"
+    return [Check("resnet Bottleneck", _dtype_name(dtype), "channels_last", _shape(out.shape), what,
+                  acc.error, acc.eager_error, acc.ok)]
+
+
+# ---- the grid ----------------------------------------------------------------------------------------------
+
+
+def grid(quick: bool, device: str, backend: str | None) -> Iterable[Callable[[], list[Check]]]:
+    dtypes = [torch.float32, torch.bfloat16] if quick else list(DTYPES.values())
+    shapes = [(7,), (2, 64, 14, 14)] if quick else [(1,), (7,), (1000,), (3, 5, 7, 9), (2, 64, 14, 14)]
+    layouts = [("contiguous",) * 3, ("channels_last", "contiguous", "sliced")]
+    if not quick:
+        layouts += [("transposed",) * 3, ("sliced",) * 3]
+    cases = ["linear-3d-bias", "dual-linear", "conv-cl-s2", "dual-conv-s2"] if quick else list(GEMM_CASES)
+    for dtype in dtypes:
+        for shape in shapes:
+            for lay in layouts:
+                for mode in ("output", "mask", "inplace"):
+                    yield lambda s=shape, lay=lay, d=dtype, m=mode: check_add_relu(s, lay, d, device, backend, m)
+        for case in cases:
+            yield lambda c=case, d=dtype: check_gemm(c, d, device, backend)
+        for train in (False, True):
+            yield lambda d=dtype, t=train: check_resnet_block(d, device, backend, t)
+
+
+def run(device: str = "cpu", backend: str | None = None, quick: bool = False,
+        progress: Callable[[str], None] | None = None) -> list[Check]:
+    jobs = list(grid(quick, device, backend))
+    checks: list[Check] = []
+    start = time.perf_counter()
+    for i, job in enumerate(jobs, 1):
+        checks.extend(job())
+        if progress and (i % 10 == 0 or i == len(jobs)):
+            bad = sum(not c.ok for c in checks)
+            progress(f"[{i}/{len(jobs)}] {len(checks)} checks, {bad} failed, {time.perf_counter() - start:.1f}s")
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    header = ("op", "dtype", "layout", "shape", "check", "max error", "eager's error", "verdict")
+    rows = [header]
+    for c in checks:
+        eager = "(reference)" if c.eager_error is None else f"{c.eager_error:.3g}"
+        verdict = ("exact" if c.eager_error is None else "ok") if c.ok else f"FAIL {c.note}".strip()
+        rows.append((c.op, c.dtype, c.layout, c.shape, c.what, f"{c.error:.3g}", eager, verdict))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
