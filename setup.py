@@ -79,8 +79,11 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fused_residual", "fused_residual.*"]) + ["fused_residual._kernels"],
-    package_dir={"fused_residual._kernels": "kernels"},
+    packages=find_packages(include=["fused_residual", "fused_residual.*"])
+    + ["fused_residual._kernels", "fused_residual._benchmarks"],
+    # kernels/ and benchmarks/ live at the top of the repository and install inside the package (a top-level
+    # ``kernels`` or ``benchmarks`` module would clash with other distributions of those names).
+    package_dir={"fused_residual._kernels": "kernels", "fused_residual._benchmarks": "benchmarks"},
     package_data={"fused_residual._kernels": ["csrc/*.h", "csrc/*.cpp"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

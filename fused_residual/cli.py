@@ -41,6 +41,56 @@ def _info(args) -> int:
     return 0
 
 
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fused-residual: --device cuda but no CUDA device is available")
+    return name
+
+
+def _verify(args) -> int:
+    from . import verify
+
+    device = _device(args.device)
+    print(f"verifying fused_residual on {device} (backend {args.backend or 'auto'}, "
+          f"{'quick grid' if args.quick else 'full grid'})", flush=True)
+    checks = verify.run(device=device, backend=args.backend, quick=args.quick,
+                        progress=lambda line: print(line, flush=True))
+    failed = [c for c in checks if not c.ok]
+    shown = checks if args.all else [c for c in checks if not c.ok or "forward" in c.what]
+    print(verify.format_table(shown))
+    ops = sorted({c.op for c in checks})
+    print(f"\n{len(checks)} checks over {', '.join(ops)}: {len(checks) - len(failed)} passed, {len(failed)} failed"
+          + ("" if args.all else " (forward rows and failures shown; --all for every gradient row)"))
+    return 1 if failed else 0
+
+
+BENCHES = ("add_relu", "linear", "conv1x1", "resnet")
+
+
+def _bench(args) -> int:
+    import importlib
+
+    device = _device(args.device)
+    module = importlib.import_module(f"fused_residual._benchmarks.bench_{args.which}")
+    module.run(device=device, quick=args.quick, out_dir=args.out)
+    return 0
+
+
+def _resnet(args) -> int:
+    from ._benchmarks import bench_resnet
+
+    device = _device(args.device)
+    rows = bench_resnet.run(device=device, quick=args.quick, out_dir=args.out, model=args.model, batch=args.batch,
+                            dtype=args.dtype, image_size=args.image_size, steps=args.steps,
+                            compile=not args.no_compile)
+    bad = [r for r in rows if r.unit == "rel err" and not r.metric <= (1e-4 if r.dtype == "fp32" else 5e-2)]
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-residual",
@@ -48,6 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("info", help="versions, device, and which backends can run here")
     p.set_defaults(func=_info)
+
+    from ._backend import BACKENDS
+
+    p = sub.add_parser("verify", help="check every op against eager and float64 references; exit 1 on failure")
+    p.add_argument("--quick", action="store_true", help="a smaller grid (under a minute on CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--backend", choices=BACKENDS, help="default: the backend in effect (auto)")
+    p.add_argument("--all", action="store_true", help="print every check, not only forward rows and failures")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("bench", help="time eager, torch.compile and the fused ops side by side")
+    p.add_argument("which", choices=BENCHES)
+    p.add_argument("--quick", action="store_true", help="small sizes and short timing")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--out", help="folder for the CSV and PNG")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("resnet", help="the main job: convert a torchvision ResNet, check it, time training and "
+                                      "inference for eager, fused, compile and compile + fused")
+    p.add_argument("--model", default=None, help="torchvision model name (default: resnet50)")
+    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--image-size", type=int, default=None, help="default: 224")
+    p.add_argument("--steps", type=int, default=None, help="timed iterations per variant")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--quick", action="store_true", help="resnet18, small batch and images")
+    p.add_argument("--out", help="folder for the CSV and PNG")
+    p.set_defaults(func=_resnet)
     return parser
 
 

@@ -274,12 +274,11 @@ def check_resnet_block(dtype: torch.dtype, device: str, backend: str | None, tra
 def grid(quick: bool, device: str, backend: str | None) -> Iterable[Callable[[], list[Check]]]:
     dtypes = [torch.float32, torch.bfloat16] if quick else list(DTYPES.values())
     shapes = [(7,), (2, 64, 14, 14)] if quick else [(1,), (7,), (1000,), (3, 5, 7, 9), (2, 64, 14, 14)]
-    layouts = [("contiguous",) * 3, ("channels_last", "contiguous", "sliced")]
-    if not quick:
-        layouts += [("transposed",) * 3, ("sliced",) * 3]
     cases = ["linear-3d-bias", "dual-linear", "conv-cl-s2", "dual-conv-s2"] if quick else list(GEMM_CASES)
     for dtype in dtypes:
         for shape in shapes:
+            mixed = ("channels_last" if len(shape) == 4 else "transposed", "contiguous", "sliced")
+            layouts = [("contiguous",) * 3, mixed] + ([] if quick else [("transposed",) * 3, ("sliced",) * 3])
             for lay in layouts:
                 for mode in ("output", "mask", "inplace"):
                     yield lambda s=shape, lay=lay, d=dtype, m=mode: check_add_relu(s, lay, d, device, backend, m)

@@ -156,38 +156,44 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def _cpp_gemm(operands: list[Operand], bias, residual, out) -> None:
+def _cpp_gemm(operands: list[Operand], bias, residual, new_out) -> torch.Tensor:
     C = _cpp.module()
-    if out.dim() == 2:
-        a1 = operands[0]
+    first, rest = operands[0], operands[1:]
+    if first.x.dim() == 2:
+        out = new_out()
         # residual (or the bias) rides in addmm's beta*C term: BLAS writes out once with it added.
         if residual is not None:
-            torch.addmm(residual, a1.x, a1.weight.t(), out=out)
-        elif bias is not None and len(operands) == 1:
-            torch.addmm(bias, a1.x, a1.weight.t(), out=out)
+            torch.addmm(residual, first.x, first.weight.t(), out=out)
+        elif bias is not None and not rest:
+            torch.addmm(bias, first.x, first.weight.t(), out=out)
             bias = None
         else:
-            torch.mm(a1.x, a1.weight.t(), out=out)
-        for op in operands[1:]:
+            torch.mm(first.x, first.weight.t(), out=out)
+        for op in rest:
             out.addmm_(op.x, op.weight.t())
         C.bias_relu_rows_(out, bias)
-        return
-    # 1x1 convolutions: mkldnn's convolution, then the residual (or the second product) added and ReLU
-    # applied in one pass by the add_relu kernel.
-    first, rest = operands[0], operands[1:]
+        return out
+    # 1x1 convolutions: mkldnn's convolution (bias included), then the residual (or the second product)
+    # added and ReLU applied in place by the add_relu kernel: one pass, no further allocation.
     res = torch.nn.functional.conv2d(first.x, first.weight, bias, stride=first.stride)
     skip = residual if residual is not None else torch.nn.functional.conv2d(rest[0].x, rest[0].weight,
                                                                             stride=rest[0].stride)
-    C.add_relu_fwd(res, skip, out, None)
+    C.add_relu_fwd(res, skip, res, None)
+    out = new_out(meta=True)
+    if res.stride() == out.stride():
+        return res
+    return new_out().copy_(res)  # mkldnn chose another memory format than the op promises
 
 
-def _run(out: torch.Tensor, operands: list[Operand], bias, residual, eager) -> torch.Tensor:
-    """Fill ``out`` on the backend in effect; ``eager()`` is the reference formula for the eager backend."""
-    backend = _backend.resolve(out.device)
+def _run(new_out, operands: list[Operand], bias, residual, eager) -> torch.Tensor:
+    """The op's result on the backend in effect. ``new_out(meta=False)`` allocates the output in the layout
+    the op promises (its fake impl's); ``eager()`` is the reference formula for the eager backend."""
+    backend = _backend.resolve(operands[0].x.device)
+    if backend == "cpp":
+        return _cpp_gemm(operands, bias, residual, new_out)
+    out = new_out()
     if backend == "triton":
         _triton_gemm(operands, bias, residual, out)
-    elif backend == "cpp":
-        _cpp_gemm(operands, bias, residual, out)
     else:
         out.copy_(eager())
     return out
@@ -275,10 +281,20 @@ def _check_dual_conv(op, x, weight, shortcut, shortcut_weight, bias, shortcut_st
     return out_shape
 
 
-def _conv_out(x: torch.Tensor, out_shape) -> torch.Tensor:
-    fmt = output_memory_format(x)
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-    return _alloc.empty_strided(out.shape, out.stride(), x)
+def _conv_out(x: torch.Tensor, out_shape):
+    """Allocator of a 1x1 convolution's output in x's memory format (``meta=True``: strides only)."""
+    def new_out(meta: bool = False) -> torch.Tensor:
+        spec = torch.empty(out_shape, dtype=x.dtype, device="meta", memory_format=output_memory_format(x))
+        return spec if meta else _alloc.empty_strided(spec.shape, spec.stride(), x)
+    return new_out
+
+
+def _rows_out(x: torch.Tensor, n: int):
+    """Allocator of a linear op's output, viewed as [M, N] rows (``meta=True``: strides only)."""
+    def new_out(meta: bool = False) -> torch.Tensor:
+        shape = (x.shape[:-1].numel(), n)
+        return torch.empty(shape, dtype=x.dtype, device="meta") if meta else _alloc.empty(shape, x)
+    return new_out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,10 +305,9 @@ def _conv_out(x: torch.Tensor, out_shape) -> torch.Tensor:
 def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     n = _check_linear("linear_add_relu", x, weight, residual, bias)
-    out = _alloc.empty((*x.shape[:-1], n), x)
-    return _run(out.view(-1, n), [Operand(x.reshape(-1, x.shape[-1]), weight)], bias,
-                residual.reshape(-1, n), lambda: reference.linear_add_relu(x, weight, residual, bias).view(-1, n)
-                ).view(out.shape)
+    return _run(_rows_out(x, n), [Operand(x.reshape(-1, x.shape[-1]), weight)], bias, residual.reshape(-1, n),
+                lambda: reference.linear_add_relu(x, weight, residual, bias).view(-1, n)
+                ).view(*x.shape[:-1], n)
 
 
 @linear_add_relu.register_fake
@@ -305,12 +320,11 @@ def _(x, weight, residual, bias=None):
 def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
                          shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     n = _check_dual_linear("dual_linear_add_relu", x, weight, shortcut, shortcut_weight, bias)
-    out = _alloc.empty((*x.shape[:-1], n), x)
     operands = [Operand(x.reshape(-1, x.shape[-1]), weight),
                 Operand(shortcut.reshape(-1, shortcut.shape[-1]), shortcut_weight)]
-    return _run(out.view(-1, n), operands, bias, None,
+    return _run(_rows_out(x, n), operands, bias, None,
                 lambda: reference.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias).view(-1, n)
-                ).view(out.shape)
+                ).view(*x.shape[:-1], n)
 
 
 @dual_linear_add_relu.register_fake
@@ -323,8 +337,7 @@ def _(x, weight, shortcut, shortcut_weight, bias=None):
 def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                      bias: torch.Tensor | None = None, stride: int = 1) -> torch.Tensor:
     out_shape = _check_conv("conv1x1_add_relu", x, weight, residual, bias, stride)
-    out = _conv_out(x, out_shape)
-    return _run(out, [Operand(x, weight, stride)], bias, residual,
+    return _run(_conv_out(x, out_shape), [Operand(x, weight, stride)], bias, residual,
                 lambda: reference.conv1x1_add_relu(x, weight, residual, bias, stride))
 
 
@@ -340,8 +353,8 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
                           shortcut_stride: int = 1) -> torch.Tensor:
     out_shape = _check_dual_conv("dual_conv1x1_add_relu", x, weight, shortcut, shortcut_weight, bias,
                                  shortcut_stride)
-    out = _conv_out(x, out_shape)
-    return _run(out, [Operand(x, weight), Operand(shortcut, shortcut_weight, shortcut_stride)], bias, None,
+    return _run(_conv_out(x, out_shape), [Operand(x, weight), Operand(shortcut, shortcut_weight, shortcut_stride)],
+                bias, None,
                 lambda: reference.dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias,
                                                         shortcut_stride))
 

@@ -44,64 +44,107 @@ constexpr auto gate_vec = [](const fVec& grad, const fVec& out) {
   return fVec::blendv(grad, fVec(0.f), out <= fVec(0.f));
 };
 
-// ---- load/store of n <= size() elements as fp32 vectors --------------------------------------------------
-// For float a "pack" is one fVec; for Half/BFloat16 a pack is Vectorized<T> = two fVecs.
+// Mask bits of one fVec (8 lanes): bit j set where not (y[j] <= 0), i.e. y > 0 or NaN.
+static_assert(fVec::size() == 8, "mask packing assumes 8 floats per Vectorized<float>");
+
+inline uint8_t keep_bits(const fVec& y) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NLE_UQ)));
+#else
+  float v[8];
+  y.store(v);
+  uint8_t bits = 0;
+  for (int j = 0; j < 8; ++j) bits |= uint8_t(relu_keeps(v[j])) << j;
+  return bits;
+#endif
+}
+
+// g where bit j of `bits` is set, +0 elsewhere: an AND with an all-ones or all-zeros lane, so kept values
+// keep their bits.
+inline fVec gate_bits(const fVec& g, uint8_t bits) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), sel), sel);
+  return _mm256_and_ps(g, _mm256_castsi256_ps(on));
+#else
+  float v[8];
+  g.store(v);
+  for (int j = 0; j < 8; ++j) v[j] = ((bits >> j) & 1) ? v[j] : 0.f;
+  return fVec::loadu(v);
+#endif
+}
+
+// ---- packs: n <= size() elements of T as kVecs fp32 vectors ---------------------------------------------
 template <typename T>
-struct Pack {
+struct Pack {  // Half / BFloat16: one Vectorized<T> = two fVecs
+  static constexpr int kVecs = 2;
   static constexpr int64_t size() { return Vectorized<T>::size(); }
-  static void load(const T* p, int64_t n, fVec& lo, fVec& hi) {
-    auto v = n == size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
-    std::tie(lo, hi) = at::vec::convert_to_float<T>(v);
+  static void load(const T* p, int64_t n, fVec (&v)[kVecs]) {
+    auto x = n == size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(x);
   }
-  static void store(T* p, int64_t n, const fVec& lo, const fVec& hi) {
-    auto v = at::vec::convert_from_float<T>(lo, hi);
-    if (n == size()) v.store(p); else v.store(p, n);
-  }
-  template <typename F>
-  static void apply2(const T* a, const T* b, T* out, int64_t n, F f) {
-    fVec a0, a1, b0, b1;
-    load(a, n, a0, a1);
-    load(b, n, b0, b1);
-    store(out, n, f(a0, b0), f(a1, b1));
+  static void store(T* p, int64_t n, const fVec (&v)[kVecs]) {
+    auto x = at::vec::convert_from_float<T>(v[0], v[1]);
+    if (n == size()) x.store(p); else x.store(p, n);
   }
 };
 
 template <>
 struct Pack<float> {
+  static constexpr int kVecs = 1;
   static constexpr int64_t size() { return fVec::size(); }
-  template <typename F>
-  static void apply2(const float* a, const float* b, float* out, int64_t n, F f) {
-    if (n == size()) {
-      f(fVec::loadu(a), fVec::loadu(b)).store(out);
-    } else {
-      f(fVec::loadu(a, n), fVec::loadu(b, n)).store(out, n);
-    }
+  static void load(const float* p, int64_t n, fVec (&v)[kVecs]) {
+    v[0] = n == size() ? fVec::loadu(p) : fVec::loadu(p, n);
+  }
+  static void store(float* p, int64_t n, const fVec (&v)[kVecs]) {
+    if (n == size()) v[0].store(p); else v[0].store(p, n);
   }
 };
 
-// out[i] = f(a[i], b[i]) over [i0, i1), in fp32.
+// out[i] = f(a[i], b[i]) over [i0, i1) in fp32. With `mask` (i0 a multiple of 8), also the gate bits of
+// each result: one byte per fVec.
 template <typename T, typename F>
-inline void map2(const T* a, const T* b, T* out, int64_t i0, int64_t i1, F f) {
-  constexpr int64_t V = Pack<T>::size();
-  int64_t i = i0;
-  for (; i + V <= i1; i += V) Pack<T>::apply2(a + i, b + i, out + i, V, f);
-  if (i < i1) Pack<T>::apply2(a + i, b + i, out + i, i1 - i, f);
+inline void map2(const T* a, const T* b, T* out, int64_t i0, int64_t i1, F f, uint8_t* mask = nullptr) {
+  using P = Pack<T>;
+  fVec va[P::kVecs], vb[P::kVecs], r[P::kVecs];
+  for (int64_t i = i0; i < i1; i += P::size()) {
+    const int64_t n = std::min<int64_t>(P::size(), i1 - i);
+    P::load(a + i, n, va);
+    P::load(b + i, n, vb);
+    for (int k = 0; k < P::kVecs; ++k) r[k] = f(va[k], vb[k]);
+    P::store(out + i, n, r);
+    if (mask) {
+      for (int k = 0; k < P::kVecs && i + 8 * k < i1; ++k) {
+        // lanes past i1 were loaded as zeros and give 0 bits
+        mask[(i >> 3) + k] = keep_bits(r[k]);
+      }
+    }
+  }
+}
+
+// gin[i] = grad[i] where its mask bit is set, else +0, over [i0, i1) with i0 a multiple of 8.
+template <typename T>
+inline void gate_from_mask(const T* grad, const uint8_t* mask, T* gin, int64_t i0, int64_t i1) {
+  using P = Pack<T>;
+  fVec g[P::kVecs];
+  for (int64_t i = i0; i < i1; i += P::size()) {
+    const int64_t n = std::min<int64_t>(P::size(), i1 - i);
+    P::load(grad + i, n, g);
+    for (int k = 0; k < P::kVecs; ++k) g[k] = i + 8 * k < i1 ? gate_bits(g[k], mask[(i >> 3) + k]) : g[k];
+    P::store(gin + i, n, g);
+  }
 }
 
 // mask bytes for out[i0, i1), i0 a multiple of 8.
 template <typename T>
 inline void pack_mask(const T* out, uint8_t* mask, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; i += 8) {
-    uint8_t byte = 0;
-    const int64_t n = std::min<int64_t>(8, i1 - i);
-    for (int64_t j = 0; j < n; ++j) byte |= uint8_t(relu_keeps(static_cast<float>(out[i + j]))) << j;
-    mask[i / 8] = byte;
+  using P = Pack<T>;
+  fVec v[P::kVecs];
+  for (int64_t i = i0; i < i1; i += P::size()) {
+    const int64_t n = std::min<int64_t>(P::size(), i1 - i);
+    P::load(out + i, n, v);
+    for (int k = 0; k < P::kVecs && i + 8 * k < i1; ++k) mask[(i >> 3) + k] = keep_bits(v[k]);
   }
-}
-
-template <typename T>
-inline void gate_from_mask(const T* grad, const uint8_t* mask, T* gin, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) gin[i] = ((mask[i >> 3] >> (i & 7)) & 1) ? grad[i] : T(0);
 }
 
 // Runs f(i0, i1) over [0, n) in parallel, cut at multiples of kChunk elements.
@@ -120,8 +163,7 @@ void add_relu_fwd_flat_t(const void* z, const void* skip, void* out, uint8_t* ma
   auto sp = static_cast<const T*>(skip);
   auto op = static_cast<T*>(out);
   parallel_chunks(n, [&](int64_t i0, int64_t i1) {
-    map2(zp, sp, op, i0, i1, [](const fVec& a, const fVec& b) { return relu_vec(a + b); });
-    if (mask) pack_mask(op, mask, i0, i1);  // reads back the chunk just written, still in L1
+    map2(zp, sp, op, i0, i1, [](const fVec& a, const fVec& b) { return relu_vec(a + b); }, mask);
   });
 }
 

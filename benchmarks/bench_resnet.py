@@ -1,0 +1,138 @@
+"""ResNet end to end: a torchvision ResNet converted with fused_residual.convert, checked against the
+unconverted model, then a training step and inference timed for eager, fused, torch.compile and
+torch.compile + fused, with images/s and peak memory.
+
+    python benchmarks/bench_resnet.py [--device cpu|cuda] [--quick] [--out DIR]
+    fused-residual resnet [--model resnet50] [--batch N] [--dtype bf16] [--device cuda] [--no-compile]
+
+Defaults: CUDA: resnet50, batch 256, bf16, channels_last; CPU: resnet50, batch 8, fp32, channels_last.
+The BN layers get non-trivial statistics and affine parameters first, so that folding is exercised.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    from fused_residual._benchmarks import common
+
+import fused_residual as fr
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.3, 0.3)
+    return model
+
+
+def defaults(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        return dict(model="resnet18", batch=32, dtype="bf16", image_size=224, steps=3) if quick else \
+            dict(model="resnet50", batch=256, dtype="bf16", image_size=224, steps=10)
+    return dict(model="resnet18", batch=2, dtype="fp32", image_size=64, steps=2) if quick else \
+        dict(model="resnet50", batch=8, dtype="fp32", image_size=224, steps=3)
+
+
+def _timed(step, steps: int, device: str) -> tuple[float, float | None]:
+    """(median ms per call, peak MiB during the timed calls) after warm-up calls (compilation happens there)."""
+    for _ in range(2):
+        step()
+    common.sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        common.sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 + base / 2**20 if device == "cuda" else None
+    return statistics.median(times) * 1e3, peak
+
+
+def parity(base, fused, x) -> dict:
+    """Relative max error of the converted model against the unconverted one (eval, then train forward)."""
+    out = {}
+    for mode in ("eval", "train"):
+        a, b = copy.deepcopy(base).train(mode == "train"), copy.deepcopy(fused).train(mode == "train")
+        with torch.no_grad():
+            ref, got = a(x).float(), b(x).float()
+        out[mode] = ((got - ref).abs().max() / ref.abs().max()).item()
+    return out
+
+
+def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, model: str | None = None,
+        batch: int | None = None, dtype: str | None = None, image_size: int | None = None, steps: int | None = None,
+        compile: bool = True, train: bool = True, infer: bool = True):
+    import torchvision
+
+    cfg = defaults(device, quick)
+    model = model or cfg["model"]
+    batch, dname = batch or cfg["batch"], dtype or cfg["dtype"]
+    image_size, steps = image_size or cfg["image_size"], steps or cfg["steps"]
+    tdtype = common.DTYPES[dname]
+    cl = torch.channels_last
+    bench = common.Bench("resnet", device, quick, out_dir)
+    base = _randomize_bn(torchvision.models.__dict__[model]()).to(device=device, dtype=tdtype, memory_format=cl)
+    fused = fr.convert(copy.deepcopy(base))
+    print(fr.conversion_report(fused), flush=True)
+    x = torch.randn(batch, 3, image_size, image_size, device=device, dtype=tdtype).contiguous(memory_format=cl)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    shape = f"b{batch} {image_size}px"
+
+    err = parity(base, fused, x[: min(batch, 8)])
+    tol = 1e-4 if tdtype == torch.float32 else 5e-2
+    for mode, e in err.items():
+        verdict = "ok" if e <= tol else "MISMATCH"
+        print(f"parity {mode}: converted vs unconverted max relative error {e:.2e} ({verdict}, tolerance {tol:g})",
+              flush=True)
+        bench.add(common.Row(f"{model} parity", shape, dname, "fused vs eager", mode, 0.0, e, "rel err"))
+
+    variants = [("eager", base, False), ("fused", fused, False)]
+    if compile:
+        variants += [("torch.compile", base, True), ("compile + fused", fused, True)]
+    for mode in [m for m, on in (("train", train), ("infer", infer)) if on]:
+        for name, module, compiled in variants:
+            net = copy.deepcopy(module).train(mode == "train")
+            fn = torch.compile(net) if compiled else net
+            if mode == "train":
+                opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+                def step():
+                    loss = F.cross_entropy(fn(x).float(), y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            else:
+                def step():
+                    with torch.inference_mode():
+                        fn(x)
+            t0 = time.perf_counter()
+            try:
+                ms, peak = _timed(step, steps, device)
+            except Exception as exc:  # e.g. a compile failure: report it and go on with the others
+                print(f"{model} {mode} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                continue
+            bench.add(common.Row(f"{model} {mode}", shape, dname, name, mode, ms, batch / ms * 1e3, "img/s",
+                                 peak_mem_mb=peak))
+            print(f"    ({time.perf_counter() - t0:.0f}s including warm-up/compilation)", flush=True)
+            del net, fn
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return bench.finish()
+
+
+if __name__ == "__main__":
+    common.main_guard(run, __doc__.splitlines()[0])

@@ -1,0 +1,228 @@
+"""Benchmark machinery shared by the scripts in this folder (installed as ``fused_residual._benchmarks``).
+
+Providers run side by side in one process on the same tensors. CUDA timings are the median of
+``triton.testing.do_bench`` (CUDA events); CPU timings are the median of repeated wall-clock runs. Every
+result row carries its device, library versions and date; :meth:`Bench.finish` prints a table and writes
+``<name>.csv`` and ``<name>.png`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+FIELDS = ["op", "shape", "dtype", "provider", "mode", "median_ms", "metric", "unit", "frac_of_copy",
+          "speedup_vs_eager", "peak_mem_mb", "device", "versions", "date"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def versions() -> str:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    cuda = f" cuda={torch.version.cuda}" if torch.cuda.is_available() else ""
+    return f"python={platform.python_version()} torch={torch.__version__} triton={tv}{cuda}"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, quick: bool = False) -> float:
+    """Median time of ``fn()`` in milliseconds."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median"))
+    for _ in range(2):
+        fn()
+    times = []
+    budget = 0.5 if quick else 2.0
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < budget and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_ms(x: torch.Tensor, device: str, quick: bool = False) -> float:
+    """A copy kernel on ``x`` (reads and writes x.nbytes each), the bandwidth yardstick of the run.
+    On CPU the destination is allocated per call, as the ops' outputs are."""
+    if device == "cuda":
+        dst = torch.empty_like(x)
+        return time_ms(lambda: dst.copy_(x), device, quick)
+    return time_ms(lambda: x.clone(), device, quick)
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    provider: str
+    mode: str
+    median_ms: float
+    metric: float
+    unit: str
+    frac_of_copy: float | None = None
+    speedup_vs_eager: float | None = None
+    peak_mem_mb: float | None = None
+    device: str = ""
+    versions: str = ""
+    date: str = ""
+
+
+@dataclass
+class Bench:
+    name: str
+    device: str
+    quick: bool = False
+    out_dir: str | None = None
+    rows: list[Row] = field(default_factory=list)
+    total: int | None = None  # expected number of measurements, for the progress line
+
+    def __post_init__(self):
+        self._dev = device_name(self.device)
+        self._ver = versions()
+        self._date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self._start = time.perf_counter()
+
+    def measure(self, op: str, shape, dtype: str, provider: str, mode: str, fn, *, nbytes: float | None = None,
+                flops: float | None = None, copy: float | None = None) -> Row | None:
+        """Time ``fn``; the metric is GB/s of ``nbytes`` (fused-op bytes: each input read once, each output
+        written once) or TFLOP/s of ``flops``. ``copy`` is the copy kernel's GB/s for the same data."""
+        shape_s = "x".join(map(str, shape)) if not isinstance(shape, str) else shape
+        try:
+            ms = time_ms(fn, self.device, self.quick)
+        except Exception as exc:  # one provider failing (e.g. compile unsupported) must not end the run
+            print(f"  {op} {mode} {shape_s} {dtype} {provider}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            return None
+        if flops is not None:
+            metric, unit = flops / ms / 1e9, "TFLOP/s"
+        else:
+            metric, unit = (nbytes or 0) / ms / 1e6, "GB/s"
+        frac = (nbytes / ms / 1e6) / copy if (copy and nbytes) else None
+        return self._add(Row(op, shape_s, dtype, provider, mode, ms, metric, unit, frac))
+
+    def copy_baseline(self, op: str, shape, dtype: str, x: torch.Tensor) -> float:
+        """Measure (and record) a copy kernel over ``x``; returns its GB/s (bytes read + written)."""
+        ms = copy_ms(x, self.device, self.quick)
+        gbs = 2 * x.numel() * x.element_size() / ms / 1e6
+        shape_s = "x".join(map(str, shape)) if not isinstance(shape, str) else shape
+        self._add(Row(op, shape_s, dtype, "copy kernel", "copy", ms, gbs, "GB/s", 1.0))
+        return gbs
+
+    def add(self, row: Row) -> Row:
+        """Record a row measured elsewhere (e.g. a training step timed over several iterations)."""
+        return self._add(row)
+
+    def _add(self, row: Row) -> Row:
+        row.device, row.versions, row.date = self._dev, self._ver, self._date
+        self.rows.append(row)
+        n = f"{len(self.rows)}/{self.total}" if self.total else str(len(self.rows))
+        extra = f", {row.frac_of_copy:.0%} of copy" if row.frac_of_copy is not None else ""
+        print(f"[{n} {time.perf_counter() - self._start:6.1f}s] {row.op:<22} {row.mode:<8} {row.shape:<20} "
+              f"{row.dtype:<5} {row.provider:<24} {row.median_ms:9.4f} ms  {row.metric:8.4g} {row.unit}{extra}",
+              flush=True)
+        return row
+
+    def _fill_speedups(self):
+        eager = {(r.op, r.shape, r.dtype, r.mode): r.median_ms for r in self.rows if r.provider == "eager"}
+        for r in self.rows:
+            base = eager.get((r.op, r.shape, r.dtype, r.mode))
+            r.speedup_vs_eager = base / r.median_ms if base else None
+
+    def table(self) -> str:
+        self._fill_speedups()
+        header = ("op", "mode", "shape", "dtype", "provider", "median ms", "metric", "of copy", "vs eager",
+                  "peak MB")
+        lines = [header]
+        for r in self.rows:
+            lines.append((r.op, r.mode, r.shape, r.dtype, r.provider, f"{r.median_ms:.4f}",
+                          f"{r.metric:.4g} {r.unit}", f"{r.frac_of_copy:.0%}" if r.frac_of_copy else "",
+                          f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "",
+                          f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else ""))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+        return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines)
+
+    def finish(self) -> list[Row]:
+        print(f"\n{self.name} on {self._dev} ({self._ver})\n{self.table()}", flush=True)
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+            path = os.path.join(self.out_dir, f"{self.name}.csv")
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS)
+                writer.writeheader()
+                for r in self.rows:
+                    writer.writerow({k: v for k, v in asdict(r).items() if k in FIELDS})
+            print(f"wrote {path}")
+            plot(self.rows, os.path.join(self.out_dir, f"{self.name}.png"), f"{self.name} ({self._dev})")
+        return self.rows
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    """Speed-up over eager per case (bars per provider) as a PNG; skipped with a note without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install fused_residual[bench]); no plot written")
+        return
+    cases = list(dict.fromkeys((r.op, r.mode, r.shape, r.dtype) for r in rows))
+    providers = [p for p in dict.fromkeys(r.provider for r in rows)]
+    speed = {(r.op, r.mode, r.shape, r.dtype, r.provider): r.speedup_vs_eager for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cases) * max(1, len(providers)) / 3), 4.5))
+    width = 0.8 / max(1, len(providers))
+    for i, p in enumerate(providers):
+        ys = [speed.get((*c, p)) or 0.0 for c in cases]
+        ax.bar([k + i * width for k in range(len(cases))], ys, width, label=p)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(cases))])
+    ax.set_xticklabels([f"{c[0]} {c[1]}\n{c[2]} {c[3]}" for c in cases], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up over eager (x)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def parse_args(description: str, argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes and short timing, for a smoke run")
+    p.add_argument("--out", default=None, help="folder for the CSV and PNG (default: print only)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    return args
+
+
+def main_guard(run, description: str) -> None:
+    args = parse_args(description)
+    run(device=args.device, quick=args.quick, out_dir=args.out)
+    sys.exit(0)

@@ -1,0 +1,80 @@
+"""The fused-residual command: usage errors, info, verify (pass and fail), bench and resnet in quick mode."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fused_residual import cli, verify
+
+CSV_FIELDS = {"op", "shape", "dtype", "provider", "mode", "median_ms", "metric", "device", "versions", "date"}
+
+
+def _run(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "fused_residual.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_and_usage_errors():
+    assert _run("--help").returncode == 0
+    for bad in (["frobnicate"], ["bench"], ["bench", "matmul"], ["verify", "--device", "tpu"], ["info", "--nope"]):
+        res = _run(*bad)
+        assert res.returncode == 2, bad
+        assert "usage: fused-residual" in res.stderr, bad
+
+
+def test_info_names_versions_and_backends():
+    res = _run("info")
+    assert res.returncode == 0, res.stderr
+    for word in ("torch", "triton", "C++", "cpp     on cpu: yes", "eager   on cpu: yes"):
+        assert word in res.stdout, word
+
+
+def test_verify_quick_passes_and_names_every_op(capsys):
+    assert cli.main(["verify", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for op in ("add_relu[save=output]", "add_relu[save=mask]", "add_relu_", "linear_add_relu",
+               "dual_linear_add_relu", "conv1x1_add_relu", "dual_conv1x1_add_relu", "resnet Bottleneck"):
+        assert op in out, op
+    assert "0 failed" in out
+
+
+def test_verify_exits_1_on_a_failure(monkeypatch, capsys):
+    real = verify.check_gemm
+
+    def broken(case, dtype, device, backend):
+        checks = real(case, dtype, device, backend)
+        checks[0].ok, checks[0].note = False, "injected failure"
+        return checks
+
+    monkeypatch.setattr(verify, "check_gemm", broken)
+    assert cli.main(["verify", "--quick", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL injected failure" in out and "failed" in out
+
+
+@pytest.mark.parametrize("which", ["add_relu", "linear", "conv1x1"])
+def test_bench_quick_writes_csv_and_plot(tmp_path, which):
+    res = _run("bench", which, "--quick", "--device", "cpu", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with open(tmp_path / f"{which}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and CSV_FIELDS <= set(rows[0])
+    providers = {r["provider"] for r in rows}
+    assert {"eager", "fused"} <= providers and any("compile" in p for p in providers)
+    assert all(float(r["median_ms"]) > 0 for r in rows if r["mode"] != "parity")
+    assert os.path.getsize(tmp_path / f"{which}.png") > 1000
+    assert "vs eager" in res.stdout  # the table
+
+
+def test_resnet_quick(tmp_path):
+    res = _run("resnet", "--quick", "--no-compile", "--device", "cpu", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "parity eval" in res.stdout and "(ok" in res.stdout
+    assert "img/s" in res.stdout and "fused" in res.stdout
+    with open(tmp_path / "resnet.csv") as f:
+        rows = list(csv.DictReader(f))
+    modes = {(r["provider"], r["mode"]) for r in rows}
+    assert {("eager", "train"), ("fused", "train"), ("eager", "infer"), ("fused", "infer")} <= modes
