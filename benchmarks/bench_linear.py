@@ -42,9 +42,13 @@ def cases(device: str, quick: bool):
     return [("cpu", 4096, 512, 512, 0, "fp32", True, False), ("cpu dual", 4096, 512, 256, 256, "fp32", True, False)]
 
 
-def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, max_autotune: bool = True):
-    bench = common.Bench("linear", device, quick, out_dir)
+def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, max_autotune: str = "on"):
+    """``max_autotune``: "on" (also time compile max-autotune on the compute-bound shapes), "off", or "only"
+    (just that provider, plus the references it is compared with: a separate, slow phase)."""
+    bench = common.Bench("linear" if max_autotune != "only" else "linear_max_autotune", device, quick, out_dir)
     for label, M, N, K, K2, dname, backward, autotune in cases(device, quick):
+        if max_autotune == "only" and not (autotune and device == "cuda"):
+            continue
         dtype = common.DTYPES[dname]
         es = torch.empty((), dtype=dtype).element_size()
         x = torch.randn(M, K, device=device, dtype=dtype)
@@ -75,17 +79,18 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, ma
             bench.measure(op, shape, dname, provider, mode, fn, flops=fl, nbytes=nb, copy=copy_gbs)
 
         m("torch.mm", "fwd", lambda: torch.mm(x, w.t(), out=out_buf), nb=es * (M * K + N * K + M * N))
-        if not dual:
+        if not dual and max_autotune != "only":
             m("_addmm_activation", "fwd", lambda: torch._addmm_activation(r, x, w.t()))
         m("eager", "fwd", lambda: eager_fn(*args))
-        compiled = torch.compile(eager_fn, dynamic=False)
-        m("torch.compile", "fwd", lambda: compiled(*args))
-        if autotune and max_autotune and device == "cuda":
+        if max_autotune != "only":
+            compiled = torch.compile(eager_fn, dynamic=False)
+            m("torch.compile", "fwd", lambda: compiled(*args))
+        if autotune and max_autotune != "off" and device == "cuda":
             tuned = torch.compile(eager_fn, dynamic=False, mode="max-autotune-no-cudagraphs")
             m("compile max-autotune", "fwd", lambda: tuned(*args))
         m("fused", "fwd", lambda: fused_fn(*args))
 
-        if backward:
+        if backward and max_autotune != "only":
             leaves = [a.detach().requires_grad_() for a in args]
             g = torch.randn(M, N, device=device, dtype=dtype)
 

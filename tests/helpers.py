@@ -25,6 +25,11 @@ def backends_for(device: str) -> list[str]:
     return names
 
 
+def device_params():
+    """The devices this machine has, for parametrize; the CUDA one carries the cuda mark."""
+    return [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" else []) for d in devices()]
+
+
 def device_backend_params():
     """(device, backend) pairs this machine can run, for parametrize; CUDA ones carry the cuda mark."""
     marks = {"cuda": [pytest.mark.cuda]}

@@ -14,7 +14,12 @@ from torch import nn
 import fused_residual as fr
 from fused_residual.integrations import timm as fr_timm
 from fused_residual.integrations import torchvision as fr_tv
-from helpers import assert_bitwise_equal, assert_close_to_ref
+from fused_residual import _triton
+from helpers import assert_bitwise_equal, assert_close_to_ref, device_params
+
+
+def _interpreting():
+    return _triton.status()[0] and _triton.interpreting()
 
 MODELS = {
     "tv-resnet18": lambda: torchvision.models.resnet18(num_classes=10),
@@ -202,15 +207,11 @@ def test_compile_fullgraph_of_converted_model():
         assert _rel(compiled(x), model(x)) < 1e-4
 
 
+@pytest.mark.parametrize("device", [p for p in device_params() if p.id != "cpu" or _interpreting()])
 @pytest.mark.parametrize("family", ["torchvision", "timm"])
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
-def test_triton_backend_on_single_blocks(family, kind):
+def test_triton_backend_on_single_blocks(device, family, kind):
     """One block per kind, eval (folded GEMM tails) and train, through the Triton kernels."""
-    from fused_residual import _triton
-
-    if not _triton.interpreting() and not torch.cuda.is_available():
-        pytest.fail("Triton must run interpreted on CPU tensors here")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if family == "torchvision":
         cls = torchvision.models.resnet.BasicBlock if kind == "basic" else torchvision.models.resnet.Bottleneck
         expansion = cls.expansion

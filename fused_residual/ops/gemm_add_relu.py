@@ -24,8 +24,10 @@ eager's three.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional  # custom-op signatures: Optional, which every torch's infer_schema knows
 
 import torch
 import triton
@@ -122,16 +124,21 @@ def _triton_gemm(operands: list[Operand], bias, residual, out) -> None:
     flags = dict(HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                  DOT_PRECISION=dot_precision(out.dtype, out.device),
                  NEG_ZERO_TO_POS=relu_maps_neg_zero(out.device), INTERPRET=interpret)
+    ieee_fp32 = out.dtype == torch.float32 and flags["DOT_PRECISION"] == "ieee"
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
     with _device_guard(out):
         if interpret:  # one small config: autotuning would run every config on the CPU
-            cfg = K.INTERPRETER_CONFIG
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-            K.gemm_add_relu_kernel[grid](*args, **flags, **cfg)
+            K.gemm_add_relu_kernel[grid](*args, **flags, **K.INTERPRETER_CONFIG)
+        elif os.environ.get("FUSED_RESIDUAL_GEMM_AUTOTUNE", "1") == "0":
+            # The first config of the list, untuned: the CUDA test run sets this, as autotuning each of its
+            # many tiny shapes would cost more than the tests themselves.
+            cfg = (K.IEEE_FP32_CONFIGS if ieee_fp32 else K.CONFIGS)[0]
+            K.gemm_add_relu_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                         num_stages=cfg.num_stages)
         else:
-            def grid(meta):
-                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-            ieee_fp32 = out.dtype == torch.float32 and flags["DOT_PRECISION"] == "ieee"
             kernel = K.gemm_add_relu_autotuned_ieee_fp32 if ieee_fp32 else K.gemm_add_relu_autotuned
             kernel[grid](*args, **flags)
 
@@ -303,7 +310,7 @@ def _rows_out(x: torch.Tensor, n: int):
 
 @torch.library.custom_op("fused_residual::linear_add_relu", mutates_args=())
 def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = _check_linear("linear_add_relu", x, weight, residual, bias)
     return _run(_rows_out(x, n), [Operand(x.reshape(-1, x.shape[-1]), weight)], bias, residual.reshape(-1, n),
                 lambda: reference.linear_add_relu(x, weight, residual, bias).view(-1, n)
@@ -318,7 +325,7 @@ def _(x, weight, residual, bias=None):
 
 @torch.library.custom_op("fused_residual::dual_linear_add_relu", mutates_args=())
 def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
-                         shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+                         shortcut_weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = _check_dual_linear("dual_linear_add_relu", x, weight, shortcut, shortcut_weight, bias)
     operands = [Operand(x.reshape(-1, x.shape[-1]), weight),
                 Operand(shortcut.reshape(-1, shortcut.shape[-1]), shortcut_weight)]
@@ -335,7 +342,7 @@ def _(x, weight, shortcut, shortcut_weight, bias=None):
 
 @torch.library.custom_op("fused_residual::conv1x1_add_relu", mutates_args=())
 def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                     bias: torch.Tensor | None = None, stride: int = 1) -> torch.Tensor:
+                     bias: Optional[torch.Tensor] = None, stride: int = 1) -> torch.Tensor:
     out_shape = _check_conv("conv1x1_add_relu", x, weight, residual, bias, stride)
     return _run(_conv_out(x, out_shape), [Operand(x, weight, stride)], bias, residual,
                 lambda: reference.conv1x1_add_relu(x, weight, residual, bias, stride))
@@ -349,7 +356,7 @@ def _(x, weight, residual, bias=None, stride=1):
 
 @torch.library.custom_op("fused_residual::dual_conv1x1_add_relu", mutates_args=())
 def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
-                          shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          shortcut_weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                           shortcut_stride: int = 1) -> torch.Tensor:
     out_shape = _check_dual_conv("dual_conv1x1_add_relu", x, weight, shortcut, shortcut_weight, bias,
                                  shortcut_stride)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The prepared GPU run: on a machine with one CUDA GPU and no network, install the package, run the CUDA
+# tests, `fused-residual verify --quick` and every benchmark, writing all output into one folder.
+#
+#   OUT=results-dir benchmarks/gpu_run.sh [BUDGET_SECONDS]      (default budget: 470 s)
+#
+# Files in $OUT: run.log (everything printed), pytest.log, bench.csv (every benchmark row), plots.tar.gz,
+# cpp_build.log (the C++ CPU kernels built against this machine's torch, in a copy, in the background).
+# Phases run in priority order and are skipped when the budget would not cover them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+BUDGET=${1:-470}
+mkdir -p "$OUT"
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+exec > >(tee -a "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+echo "== fused_residual GPU run, $(date -Is), budget ${BUDGET}s"
+echo "command: OUT=$OUT benchmarks/gpu_run.sh $*"
+echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) files changed"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv || true
+python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+
+# Install without the C++ build (the CUDA path needs only Triton); no index: the machine has no network.
+if ! FUSED_RESIDUAL_BUILD_CPP=0 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
+  echo "pip install -e failed; running from the source tree"
+  ln -sfn ../kernels fused_residual/_kernels && ln -sfn ../benchmarks fused_residual/_benchmarks
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m fused_residual.cli info
+
+# Meanwhile, check that the C++ CPU kernels build against this torch (in a copy; uses idle CPU cores).
+(rm -rf /tmp/fr_cpp && cp -r . /tmp/fr_cpp && cd /tmp/fr_cpp && rm -rf build \
+  && FUSED_RESIDUAL_BUILD_CPP=1 MAX_JOBS=4 timeout 400 python3 setup.py build_ext --inplace > "$OUT/cpp_build.log" 2>&1 \
+  ; echo "build exit status $?" >> "$OUT/cpp_build.log" \
+  ; PYTHONPATH=/tmp/fr_cpp python3 -c "import fused_residual._C as C; print('import ok:', C.__doc__)" >> "$OUT/cpp_build.log" 2>&1) &
+CPP_PID=$!
+
+# CUDA tests (GEMMs untuned here: the benchmarks and verify below run the autotuned kernels).
+TEST_BUDGET=$((BUDGET / 2 < 240 ? BUDGET / 2 : 240))
+echo "== pytest -m cuda (limit ${TEST_BUDGET}s)"
+FUSED_RESIDUAL_GEMM_AUTOTUNE=0 timeout "$TEST_BUDGET" python3 -m pytest -m cuda -q -p no:cacheprovider -rfEs \
+  > "$OUT/pytest.log" 2>&1
+echo "pytest exit status $?"
+tail -n 30 "$OUT/pytest.log"
+
+python3 benchmarks/gpu_run.py --out "$OUT" --deadline "$DEADLINE"
+
+if kill -0 "$CPP_PID" 2>/dev/null; then echo "C++ build still running; not waiting"; fi
+tail -n 3 "$OUT/cpp_build.log" 2>/dev/null
+echo "== done in $(( $(date +%s) - START ))s"
