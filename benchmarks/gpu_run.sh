@@ -42,7 +42,9 @@ CPP_PID=$!
 # CUDA tests (GEMMs untuned here: the benchmarks and verify below run the autotuned kernels).
 TEST_BUDGET=$((BUDGET / 2 < 240 ? BUDGET / 2 : 240))
 echo "== pytest -m cuda (limit ${TEST_BUDGET}s)"
-FUSED_RESIDUAL_GEMM_AUTOTUNE=0 timeout "$TEST_BUDGET" python3 -m pytest -m cuda -q -p no:cacheprovider -rfEs \
+# pytest-xdist, where installed, spreads the Triton compilations over the CPU cores.
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+FUSED_RESIDUAL_GEMM_AUTOTUNE=0 timeout "$TEST_BUDGET" python3 -m pytest -m cuda -q -p no:cacheprovider -rfEs $XDIST \
   > "$OUT/pytest.log" 2>&1
 echo "pytest exit status $?"
 tail -n 30 "$OUT/pytest.log"

@@ -12,9 +12,8 @@ element ``i`` of the (dense) output: 1 bit per element instead of the output its
 
 Arithmetic is fp32 whatever the storage dtype. Offsets are int64, so tensors past 2**31 elements work.
 
-ReLU follows eager PyTorch on the device the kernel serves: NaN passes through, and ``-0.0`` either stays
-``-0.0`` (CPU eager) or becomes ``+0.0``; ``NEG_ZERO_TO_POS`` selects which (see
-``fused_residual.ops.add_relu.relu_maps_neg_zero``).
+ReLU follows eager PyTorch on the device the kernel serves, signed zeros included (``RELU_HW_MAX``, see
+``kernels/common.py`` and ``fused_residual.ops.add_relu.relu_uses_hw_max``).
 """
 
 import triton
@@ -65,7 +64,7 @@ def add_relu_fwd_kernel(
     z_st0, z_st1, z_st2, z_st3,
     s_st0, s_st1, s_st2, s_st3,
     o_st0, o_st1, o_st2, o_st3,
-    STRIDED: tl.constexpr, SAVE_MASK: tl.constexpr, NEG_ZERO_TO_POS: tl.constexpr, INTERPRET: tl.constexpr,
+    STRIDED: tl.constexpr, SAVE_MASK: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -84,7 +83,7 @@ def add_relu_fwd_kernel(
     # The sum of two values of the storage dtype is exact or correctly rounded in fp32, and ReLU commutes
     # with the final rounding (a nonzero sum never rounds to zero), so this matches eager's
     # round-then-ReLU bit for bit.
-    y = to_storage(relu_f32(z + s, NEG_ZERO_TO_POS), out_ptr.dtype.element_ty, INTERPRET)
+    y = to_storage(relu_f32(z + s, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
     tl.store(out_ptr + o_off, y, mask=inb)
     if SAVE_MASK:
         packed = pack_bits(relu_keeps(y.to(tl.float32)) & inb, BLOCK)

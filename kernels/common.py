@@ -6,10 +6,15 @@ import triton.language as tl
 
 
 @triton.jit
-def relu_f32(x, NEG_ZERO_TO_POS: tl.constexpr):
-    """ReLU on fp32 values with eager semantics: NaN passes, -0 kept or mapped to +0 per the flag."""
-    if NEG_ZERO_TO_POS:
-        return tl.where(x <= 0.0, 0.0, x)
+def relu_f32(x, RELU_HW_MAX: tl.constexpr):
+    """ReLU on fp32 values as eager computes it on the device served; NaN passes either way.
+
+    ``RELU_HW_MAX``: the hardware max of x and 0 (``max.f32``, what CUDA eager's ``clamp_min`` runs through
+    ``fmaxf``), so that signed zeros come out as eager's do. Otherwise ``x < 0 ? 0 : x``, CPU eager's
+    ``clamp_min``, which keeps -0.0.
+    """
+    if RELU_HW_MAX:
+        return tl.where(x != x, x, tl.maximum(x, 0.0))
     else:
         return tl.where(x < 0.0, 0.0, x)
 

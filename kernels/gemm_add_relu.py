@@ -106,7 +106,7 @@ def gemm_add_relu_kernel(
     r_sn, r_sh, r_sw, r_sc,
     o_sn, o_sh, o_sw, o_sc,
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NEG_ZERO_TO_POS: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -136,7 +136,7 @@ def gemm_add_relu_kernel(
     if HAS_RESIDUAL:
         r_ptrs = res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw)[:, None] + cols_in[None, :] * r_sc
         acc += tl.load(r_ptrs).to(tl.float32)
-    y = to_storage(relu_f32(acc, NEG_ZERO_TO_POS), out_ptr.dtype.element_ty, INTERPRET)
+    y = to_storage(relu_f32(acc, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
     o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc
     tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
 

@@ -76,7 +76,7 @@ def add_relu_variants():
                            f"{'/mask' if mask else ''}",
                            lambda a=args, s=strided, m=mask, arch=arch: compile_variant(
                                K.add_relu_fwd_kernel, a,
-                               {"STRIDED": s, "SAVE_MASK": m, "NEG_ZERO_TO_POS": True, "INTERPRET": False,
+                               {"STRIDED": s, "SAVE_MASK": m, "RELU_HW_MAX": True, "INTERPRET": False,
                                 "BLOCK": K.STRIDED_BLOCK if s else K.BLOCK}, arch, K.NUM_WARPS,
                                divisible=("z_ptr", "skip_ptr", "out_ptr", "mask_ptr", "numel")))
                     args = {"grad_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "gin_ptr": ptr, "numel": "i32", **ints}
@@ -104,7 +104,7 @@ def gemm_variants():
                                                ("bf16", "*bf16", "ieee", K.CONFIGS)]:
             for i, cfg in enumerate(configs):
                 consts = dict(unit, HAS_A2=True, HAS_BIAS=True, HAS_RESIDUAL=True,
-                              DOT_PRECISION=precision, NEG_ZERO_TO_POS=True,
+                              DOT_PRECISION=precision, RELU_HW_MAX=True,
                               INTERPRET=False, **cfg.kwargs)
                 args = {n: ptr if n.endswith("_ptr") else "i32" for n in names if n not in consts}
                 divisible = [n for n in args if n.endswith("_ptr")] + ["M", "N", "K1", "K2", "a1_sn", "w1_sn",

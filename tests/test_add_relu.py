@@ -61,13 +61,13 @@ def test_empty_and_single_element(device, backend, shape):
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_signed_zero_convention_matches_eager(device, backend):
-    """Eager's relu(-0.0) depends on the device; the kernels' table must agree with it."""
-    neg_zero = torch.tensor([-0.0, -0.0], device=device)
-    eager_keeps_sign = bool(torch.signbit(torch.relu(neg_zero + neg_zero)).all())
-    assert add_relu_ops.relu_maps_neg_zero(torch.device(device)) == (not eager_keeps_sign)
-    with fr.use_backend(backend):
-        out = fr.add_relu(neg_zero, neg_zero)
-    assert bool(torch.signbit(out).all()) == eager_keeps_sign
+    """Eager's relu(-0.0) depends on the device; the kernels must agree with it on each."""
+    for z, s in [(-0.0, -0.0), (-0.0, 0.0), (0.0, -0.0)]:
+        zt, st = torch.full((9,), z, device=device), torch.full((9,), s, device=device)
+        eager = torch.relu(zt + st)
+        with fr.use_backend(backend):
+            out = fr.add_relu(zt, st)
+        assert torch.equal(torch.signbit(out), torch.signbit(eager)), (z, s, out, eager)
 
 
 # ---- what backward keeps ---------------------------------------------------------------------------------

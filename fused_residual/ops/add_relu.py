@@ -24,14 +24,15 @@ from .. import _alloc, _backend, _checks, _cpp, _triton, reference
 from .._layout import is_dense, is_dense_layout, iteration_space, same_dense_layout
 
 # ---------------------------------------------------------------------------------------------------------
-# Eager's ReLU on -0.0 differs by device: CPU's clamp_min keeps -0.0; CUDA's (fmaxf) returns +0.0. The
-# kernels follow the device they serve, so that the forward is bit-identical to eager there.
-# tests/test_add_relu.py::test_signed_zero_convention_matches_eager checks this table against eager.
-RELU_NEG_ZERO_TO_POS = {"cpu": False, "cuda": True}
+# Eager's ReLU (clamp_min) is `x < 0 ? 0 : x` on CPU, which keeps -0.0, and `fmaxf(x, 0)` (after a NaN
+# check) on CUDA. The kernels compute it the same way on the device they serve (kernels/common.py), so that
+# the forward is bit-identical to eager there, signed zeros included; the Triton interpreter serves CPU
+# tensors. tests/test_add_relu.py::test_signed_zero_convention_matches_eager checks the result against eager.
+RELU_HW_MAX_DEVICES = {"cuda": True}
 
 
-def relu_maps_neg_zero(device: torch.device) -> bool:
-    return RELU_NEG_ZERO_TO_POS.get(device.type, False)
+def relu_uses_hw_max(device: torch.device) -> bool:
+    return RELU_HW_MAX_DEVICES.get(device.type, False)
 
 
 def mask_numel(numel: int) -> int:
@@ -80,7 +81,7 @@ def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask
         K.add_relu_fwd_kernel[(triton.cdiv(numel, block),)](
             z, skip, out, mask if mask is not None else out, numel,
             sizes[1], sizes[2], sizes[3], *z_st, *s_st, *o_st,
-            STRIDED=strided, SAVE_MASK=mask is not None, NEG_ZERO_TO_POS=relu_maps_neg_zero(out.device),
+            STRIDED=strided, SAVE_MASK=mask is not None, RELU_HW_MAX=relu_uses_hw_max(out.device),
             INTERPRET=_triton.interpreting(), BLOCK=block, num_warps=K.NUM_WARPS,
         )
 

@@ -33,7 +33,7 @@ import torch
 import triton
 
 from .. import _alloc, _backend, _checks, _cpp, _triton, reference
-from .add_relu import _device_guard, relu_maps_neg_zero
+from .add_relu import _device_guard, relu_uses_hw_max
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _triton_gemm(operands: list[Operand], bias, residual, out) -> None:
     ]
     flags = dict(HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                  DOT_PRECISION=dot_precision(out.dtype, out.device),
-                 NEG_ZERO_TO_POS=relu_maps_neg_zero(out.device), INTERPRET=interpret)
+                 RELU_HW_MAX=relu_uses_hw_max(out.device), INTERPRET=interpret)
     ieee_fp32 = out.dtype == torch.float32 and flags["DOT_PRECISION"] == "ieee"
 
     def grid(meta):
