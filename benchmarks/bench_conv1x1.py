@@ -17,6 +17,7 @@ except ImportError:  # run as a script
     from fused_residual._benchmarks import common
 
 import fused_residual as fr
+from fused_residual.ops.gemm_add_relu import use_gemm_path
 
 
 def cases(device: str, quick: bool):
@@ -57,6 +58,10 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None):
         m("eager", "fwd", lambda: eager_fn(x, w, r, b, stride))
         m("torch.compile", "fwd", lambda: compiled(x, w, r, b, stride))
         m("fused", "fwd", lambda: fr.conv1x1_add_relu(x, w, r, b, stride))
+        if device == "cuda":  # both CUDA paths, whichever "auto" picked
+            for path in ("triton", "library"):
+                with use_gemm_path(path):
+                    m(f"fused [{path} path]", "fwd", lambda: fr.conv1x1_add_relu(x, w, r, b, stride))
 
         leaves = [t.detach().requires_grad_() for t in (x, w, r, b)]
         g = torch.randn_like(r)

@@ -7,7 +7,8 @@ Providers (same tensors, one process):
   _addmm_activation  cuBLASLt with the residual as the C matrix and its ReLU epilogue (no bias)
   eager              relu(F.linear(x, w, b) + r)  (dual: relu(F.linear(x, w, b) + F.linear(s, ws)))
   torch.compile      the eager function compiled (and mode="max-autotune" for the compute-bound shapes)
-  fused              fused_residual.linear_add_relu / dual_linear_add_relu
+  fused              fused_residual.linear_add_relu / dual_linear_add_relu (on CUDA also each GEMM path
+                     forced: the Triton kernel, and the library path: cuBLAS product + fused add+ReLU pass)
 Metrics: TFLOP/s, and for every provider the fraction of the copy kernel's bandwidth that the fused op's
 minimal bytes (inputs read once, output written once) would take: 100% is the memory roofline.
 """
@@ -23,6 +24,7 @@ except ImportError:  # run as a script
     from fused_residual._benchmarks import common
 
 import fused_residual as fr
+from fused_residual.ops.gemm_add_relu import use_gemm_path
 
 
 def cases(device: str, quick: bool):
@@ -89,6 +91,10 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, ma
             tuned = torch.compile(eager_fn, dynamic=False, mode="max-autotune-no-cudagraphs")
             m("compile max-autotune", "fwd", lambda: tuned(*args))
         m("fused", "fwd", lambda: fused_fn(*args))
+        if device == "cuda" and max_autotune != "only":  # both CUDA paths, whichever "auto" picked
+            for path in ("triton", "library"):
+                with use_gemm_path(path):
+                    m(f"fused [{path} path]", "fwd", lambda: fused_fn(*args))
 
         if backward and max_autotune != "only":
             leaves = [a.detach().requires_grad_() for a in args]

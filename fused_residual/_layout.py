@@ -29,6 +29,10 @@ def is_dense(t: torch.Tensor) -> bool:
 def same_dense_layout(ref: torch.Tensor, *others: torch.Tensor) -> bool:
     """Every tensor is dense and shares ``ref``'s strides (dims of size 1 aside), so storage element ``i``
     is element ``i`` of each: the flat kernels apply, whatever the memory format."""
+    if ref.is_contiguous() and all(t.is_contiguous() for t in others):  # fast paths (C++ flags)
+        return True
+    if ref.dim() == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in (ref, *others)):
+        return True
     if not is_dense(ref):
         return False
     for t in others:

@@ -1,6 +1,7 @@
 """Triton kernels for ``out = relu(z + skip)`` and its backward.
 
-Two addressing modes share one kernel per direction (``STRIDED`` is a constexpr):
+Two addressing modes per direction, sharing one ``@triton.jit`` body (the flat kernels take five
+arguments, which keeps their launch cheap):
 
 * flat: every tensor is dense with the same strides, so element ``i`` of the output's storage is element
   ``i`` of every operand's storage. One pass over storage; contiguous and channels_last need no copy.
@@ -58,26 +59,11 @@ def unpack_bits(packed, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def add_relu_fwd_kernel(
-    z_ptr, skip_ptr, out_ptr, mask_ptr, numel,
-    size1, size2, size3,
-    z_st0, z_st1, z_st2, z_st3,
-    s_st0, s_st1, s_st2, s_st3,
-    o_st0, o_st1, o_st2, o_st3,
-    STRIDED: tl.constexpr, SAVE_MASK: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    lin = pid * BLOCK + tl.arange(0, BLOCK)
+def add_relu_fwd_block(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, pid, lin, z_off, s_off, o_off,
+                       SAVE_MASK: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """One program's elements ``lin`` (at the given storage offsets) of out = relu(z + skip)."""
     inb = lin < numel
-    if STRIDED:
-        z_off = strided_offset(lin, size1, size2, size3, z_st0, z_st1, z_st2, z_st3)
-        s_off = strided_offset(lin, size1, size2, size3, s_st0, s_st1, s_st2, s_st3)
-        o_off = strided_offset(lin, size1, size2, size3, o_st0, o_st1, o_st2, o_st3)
-    else:
-        z_off = lin
-        s_off = lin
-        o_off = lin
     z = tl.load(z_ptr + z_off, mask=inb).to(tl.float32)
     s = tl.load(skip_ptr + s_off, mask=inb).to(tl.float32)
     # The sum of two values of the storage dtype is exact or correctly rounded in fp32, and ReLU commutes
@@ -92,24 +78,40 @@ def add_relu_fwd_kernel(
 
 
 @triton.jit
-def add_relu_bwd_kernel(
-    grad_ptr, out_ptr, mask_ptr, gin_ptr, numel,
-    size1, size2, size3,
-    g_st0, g_st1, g_st2, g_st3,
-    o_st0, o_st1, o_st2, o_st3,
-    STRIDED: tl.constexpr, FROM_MASK: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """``gin = grad where not (out <= 0) else 0``; ``gin`` and ``out``/mask share the output's dense layout
-    (``gin`` is addressed like ``out``); ``grad`` may have any strides."""
+def add_relu_fwd_kernel(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, SAVE_MASK: tl.constexpr,
+                        RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    """Flat: every tensor dense with the same strides; element i of storage throughout."""
     pid = tl.program_id(0).to(tl.int64)
     lin = pid * BLOCK + tl.arange(0, BLOCK)
+    add_relu_fwd_block(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, pid, lin, lin, lin, lin,
+                       SAVE_MASK, RELU_HW_MAX, INTERPRET, BLOCK)
+
+
+@triton.jit
+def add_relu_fwd_strided_kernel(
+    z_ptr, skip_ptr, out_ptr, mask_ptr, numel,
+    size1, size2, size3,
+    z_st0, z_st1, z_st2, z_st3,
+    s_st0, s_st1, s_st2, s_st3,
+    o_st0, o_st1, o_st2, o_st3,
+    SAVE_MASK: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Strided: a 4-D iteration space in out's storage order, each tensor with its own strides."""
+    pid = tl.program_id(0).to(tl.int64)
+    lin = pid * BLOCK + tl.arange(0, BLOCK)
+    add_relu_fwd_block(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, pid, lin,
+                       strided_offset(lin, size1, size2, size3, z_st0, z_st1, z_st2, z_st3),
+                       strided_offset(lin, size1, size2, size3, s_st0, s_st1, s_st2, s_st3),
+                       strided_offset(lin, size1, size2, size3, o_st0, o_st1, o_st2, o_st3),
+                       SAVE_MASK, RELU_HW_MAX, INTERPRET, BLOCK)
+
+
+@triton.jit
+def add_relu_bwd_block(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, pid, lin, g_off, o_off,
+                       FROM_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """``gin = grad where not (out <= 0) else 0`` for one program's elements; ``gin`` and ``out`` share
+    offsets (the output's dense layout, which the mask's bit order also follows)."""
     inb = lin < numel
-    if STRIDED:
-        g_off = strided_offset(lin, size1, size2, size3, g_st0, g_st1, g_st2, g_st3)
-        o_off = strided_offset(lin, size1, size2, size3, o_st0, o_st1, o_st2, o_st3)
-    else:
-        g_off = lin
-        o_off = lin
     g = tl.load(grad_ptr + g_off, mask=inb)
     if FROM_MASK:
         byte = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
@@ -119,3 +121,28 @@ def add_relu_bwd_kernel(
         keep = relu_keeps(tl.load(out_ptr + o_off, mask=inb).to(tl.float32))
     # A select, not arithmetic: the kept gradient is copied bit for bit in its storage dtype.
     tl.store(gin_ptr + o_off, tl.where(keep, g, tl.zeros_like(g)), mask=inb)
+
+
+@triton.jit
+def add_relu_bwd_kernel(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, FROM_MASK: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    lin = pid * BLOCK + tl.arange(0, BLOCK)
+    add_relu_bwd_block(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, pid, lin, lin, lin, FROM_MASK, BLOCK)
+
+
+@triton.jit
+def add_relu_bwd_strided_kernel(
+    grad_ptr, out_ptr, mask_ptr, gin_ptr, numel,
+    size1, size2, size3,
+    g_st0, g_st1, g_st2, g_st3,
+    o_st0, o_st1, o_st2, o_st3,
+    FROM_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``grad`` with its own strides; ``gin`` and ``out`` with the output's."""
+    pid = tl.program_id(0).to(tl.int64)
+    lin = pid * BLOCK + tl.arange(0, BLOCK)
+    add_relu_bwd_block(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, pid, lin,
+                       strided_offset(lin, size1, size2, size3, g_st0, g_st1, g_st2, g_st3),
+                       strided_offset(lin, size1, size2, size3, o_st0, o_st1, o_st2, o_st3),
+                       FROM_MASK, BLOCK)

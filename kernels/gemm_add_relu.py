@@ -105,7 +105,7 @@ def gemm_add_relu_kernel(
     a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
     r_sn, r_sh, r_sw, r_sc,
     o_sn, o_sh, o_sw, o_sc,
-    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -124,6 +124,17 @@ def gemm_add_relu_kernel(
     rows_in = rows % M
     cols_in = cols % N
 
+    # With 16-bit operands the epilogue's residual and bias are loaded before the products, so that their
+    # latency hides behind them: on the memory-bound shapes (small K) the residual tile is the largest read
+    # of a program. A prefetched fp32 tile would spill registers (tests/test_codegen.py), so fp32 loads it
+    # after the products.
+    if PREFETCH_EPILOGUE:
+        if HAS_RESIDUAL:
+            residual = tl.load(res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw)[:, None]
+                               + cols_in[None, :] * r_sc)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols_in)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = accumulate(acc, a1_ptr, w1_ptr, rows_in, cols_in, K1, OH, OW, a1_sn, a1_sh, a1_sw, a1_sk,
                      w1_sn, w1_sk, BLOCK_K, DOT_PRECISION, INTERPRET)
@@ -131,11 +142,16 @@ def gemm_add_relu_kernel(
         acc = accumulate(acc, a2_ptr, w2_ptr, rows_in, cols_in, K2, OH, OW, a2_sn, a2_sh, a2_sw, a2_sk,
                          w2_sn, w2_sk, BLOCK_K, DOT_PRECISION, INTERPRET)
 
+    if not PREFETCH_EPILOGUE:
+        if HAS_RESIDUAL:
+            residual = tl.load(res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw)[:, None]
+                               + cols_in[None, :] * r_sc)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols_in)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
+        acc += bias.to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        r_ptrs = res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw)[:, None] + cols_in[None, :] * r_sc
-        acc += tl.load(r_ptrs).to(tl.float32)
+        acc += residual.to(tl.float32)
     y = to_storage(relu_f32(acc, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
     o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc
     tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))

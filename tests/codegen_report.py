@@ -63,29 +63,28 @@ def compile_variant(fn, args: dict, constexprs: dict, arch: int, num_warps: int,
 def add_relu_variants():
     from fused_residual._kernels import add_relu as K
 
-    ints = {n: "i32" for n in ("size1", "size2", "size3")}
-    for t in ("z", "s", "o", "g"):
-        for i in range(4):
-            ints[f"{t}_st{i}"] = "i64"
+    sizes = {n: "i32" for n in ("size1", "size2", "size3")}
+    strides = {f"{t}_st{i}": "i64" for t in ("z", "s", "o", "g") for i in range(4)}
     for arch in ARCHS:
         for dname, ptr in DTYPES.items():
             for strided in (False, True):
                 for mask in (False, True):
-                    args = {"z_ptr": ptr, "skip_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "numel": "i32", **ints}
-                    yield (f"add_relu_fwd/{dname}/sm{arch}/{'strided' if strided else 'flat'}"
-                           f"{'/mask' if mask else ''}",
-                           lambda a=args, s=strided, m=mask, arch=arch: compile_variant(
-                               K.add_relu_fwd_kernel, a,
-                               {"STRIDED": s, "SAVE_MASK": m, "RELU_HW_MAX": True, "INTERPRET": False,
-                                "BLOCK": K.STRIDED_BLOCK if s else K.BLOCK}, arch, K.NUM_WARPS,
-                               divisible=("z_ptr", "skip_ptr", "out_ptr", "mask_ptr", "numel")))
-                    args = {"grad_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "gin_ptr": ptr, "numel": "i32", **ints}
-                    yield (f"add_relu_bwd/{dname}/sm{arch}/{'strided' if strided else 'flat'}"
-                           f"{'/mask' if mask else ''}",
-                           lambda a=args, s=strided, m=mask, arch=arch: compile_variant(
-                               K.add_relu_bwd_kernel, a,
-                               {"STRIDED": s, "FROM_MASK": m, "BLOCK": K.STRIDED_BLOCK if s else K.BLOCK},
-                               arch, K.NUM_WARPS,
+                    layout = "strided" if strided else "flat"
+                    block = K.STRIDED_BLOCK if strided else K.BLOCK
+                    extra = dict(sizes, **strides) if strided else {}
+                    args = {"z_ptr": ptr, "skip_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "numel": "i32", **extra}
+                    fn = K.add_relu_fwd_strided_kernel if strided else K.add_relu_fwd_kernel
+                    yield (f"add_relu_fwd/{dname}/sm{arch}/{layout}{'/mask' if mask else ''}",
+                           lambda fn=fn, a=args, m=mask, arch=arch, b=block: compile_variant(
+                               fn, {k: v for k, v in a.items() if k in fn.arg_names},
+                               {"SAVE_MASK": m, "RELU_HW_MAX": True, "INTERPRET": False, "BLOCK": b}, arch,
+                               K.NUM_WARPS, divisible=("z_ptr", "skip_ptr", "out_ptr", "mask_ptr", "numel")))
+                    args = {"grad_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "gin_ptr": ptr, "numel": "i32", **extra}
+                    fn = K.add_relu_bwd_strided_kernel if strided else K.add_relu_bwd_kernel
+                    yield (f"add_relu_bwd/{dname}/sm{arch}/{layout}{'/mask' if mask else ''}",
+                           lambda fn=fn, a=args, m=mask, arch=arch, b=block: compile_variant(
+                               fn, {k: v for k, v in a.items() if k in fn.arg_names},
+                               {"FROM_MASK": m, "BLOCK": b}, arch, K.NUM_WARPS,
                                divisible=("grad_ptr", "out_ptr", "mask_ptr", "gin_ptr", "numel")))
 
 
@@ -104,6 +103,7 @@ def gemm_variants():
                                                ("bf16", "*bf16", "ieee", K.CONFIGS)]:
             for i, cfg in enumerate(configs):
                 consts = dict(unit, HAS_A2=True, HAS_BIAS=True, HAS_RESIDUAL=True,
+                              PREFETCH_EPILOGUE=not dname.startswith("fp32"),
                               DOT_PRECISION=precision, RELU_HW_MAX=True,
                               INTERPRET=False, **cfg.kwargs)
                 args = {n: ptr if n.endswith("_ptr") else "i32" for n in names if n not in consts}

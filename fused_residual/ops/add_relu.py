@@ -62,28 +62,26 @@ def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask
     if numel == 0:
         return
     K = _triton.kernels("add_relu")
+    flags = dict(SAVE_MASK=mask is not None, RELU_HW_MAX=relu_uses_hw_max(out.device),
+                 INTERPRET=_triton.interpreting(), num_warps=K.NUM_WARPS)
+    mask_arg = mask if mask is not None else out
     if same_dense_layout(out, z, skip):
-        sizes, strides = [1, 1, 1, 1], [[0] * 4] * 3
-        strided = False
-    else:
-        space = iteration_space(out, z, skip, max_dims=K.MAX_DIMS)
-        if space is None:  # more than 4 non-mergeable dims: run the flat kernel on dense copies
-            dense = out if is_dense(out) else torch.empty_like(out)
-            _triton_forward(torch.empty_like(dense).copy_(z), torch.empty_like(dense).copy_(skip), dense, mask)
-            if dense is not out:
-                out.copy_(dense)
-            return
-        sizes, strides = space
-        strided = True
-    o_st, z_st, s_st = strides
-    block = K.STRIDED_BLOCK if strided else K.BLOCK
+        with _device_guard(out):
+            K.add_relu_fwd_kernel[(triton.cdiv(numel, K.BLOCK),)](z, skip, out, mask_arg, numel, BLOCK=K.BLOCK,
+                                                                  **flags)
+        return
+    space = iteration_space(out, z, skip, max_dims=K.MAX_DIMS)
+    if space is None:  # more than 4 non-mergeable dims: run the flat kernel on dense copies
+        dense = out if is_dense(out) else torch.empty_like(out)
+        _triton_forward(torch.empty_like(dense).copy_(z), torch.empty_like(dense).copy_(skip), dense, mask)
+        if dense is not out:
+            out.copy_(dense)
+        return
+    sizes, (o_st, z_st, s_st) = space
     with _device_guard(out):
-        K.add_relu_fwd_kernel[(triton.cdiv(numel, block),)](
-            z, skip, out, mask if mask is not None else out, numel,
-            sizes[1], sizes[2], sizes[3], *z_st, *s_st, *o_st,
-            STRIDED=strided, SAVE_MASK=mask is not None, RELU_HW_MAX=relu_uses_hw_max(out.device),
-            INTERPRET=_triton.interpreting(), BLOCK=block, num_warps=K.NUM_WARPS,
-        )
+        K.add_relu_fwd_strided_kernel[(triton.cdiv(numel, K.STRIDED_BLOCK),)](
+            z, skip, out, mask_arg, numel, sizes[1], sizes[2], sizes[3], *z_st, *s_st, *o_st,
+            BLOCK=K.STRIDED_BLOCK, **flags)
 
 
 def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor | None,
@@ -93,21 +91,22 @@ def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.T
     if numel == 0:
         return
     K = _triton.kernels("add_relu")
+    gate = out if out is not None else gin
+    mask_arg = mask if mask is not None else gin
     if same_dense_layout(gin, grad):
-        sizes, (gin_st, g_st), strided = [1, 1, 1, 1], ([0] * 4, [0] * 4), False
-    else:
-        space = iteration_space(gin, grad, max_dims=K.MAX_DIMS)
-        if space is None:  # more than 4 non-mergeable dims: bring grad into gin's layout first
-            _triton_backward(torch.empty_like(gin).copy_(grad), out, mask, gin)
-            return
-        sizes, (gin_st, g_st), strided = space[0], space[1], True
-    block = K.STRIDED_BLOCK if strided else K.BLOCK
+        with _device_guard(gin):
+            K.add_relu_bwd_kernel[(triton.cdiv(numel, K.BLOCK),)](
+                grad, gate, mask_arg, gin, numel, FROM_MASK=mask is not None, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
+        return
+    space = iteration_space(gin, grad, max_dims=K.MAX_DIMS)
+    if space is None:  # more than 4 non-mergeable dims: bring grad into gin's layout first
+        _triton_backward(torch.empty_like(gin).copy_(grad), out, mask, gin)
+        return
+    sizes, (gin_st, g_st) = space
     with _device_guard(gin):
-        K.add_relu_bwd_kernel[(triton.cdiv(numel, block),)](
-            grad, out if out is not None else gin, mask if mask is not None else gin, gin, numel,
-            sizes[1], sizes[2], sizes[3], *g_st, *gin_st,
-            STRIDED=strided, FROM_MASK=mask is not None, BLOCK=block, num_warps=K.NUM_WARPS,
-        )
+        K.add_relu_bwd_strided_kernel[(triton.cdiv(numel, K.STRIDED_BLOCK),)](
+            grad, gate, mask_arg, gin, numel, sizes[1], sizes[2], sizes[3], *g_st, *gin_st,
+            FROM_MASK=mask is not None, BLOCK=K.STRIDED_BLOCK, num_warps=K.NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ eager's three.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ import torch
 import triton
 
 from .. import _alloc, _backend, _checks, _cpp, _triton, reference
-from .add_relu import _device_guard, relu_uses_hw_max
+from .add_relu import _device_guard, _triton_forward, relu_uses_hw_max
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ def _triton_gemm(operands: list[Operand], bias, residual, out) -> None:
         *mn_strides(out),
     ]
     flags = dict(HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                 PREFETCH_EPILOGUE=out.element_size() <= 2,
                  DOT_PRECISION=dot_precision(out.dtype, out.device),
                  RELU_HW_MAX=relu_uses_hw_max(out.device), INTERPRET=interpret)
     ieee_fp32 = out.dtype == torch.float32 and flags["DOT_PRECISION"] == "ieee"
@@ -163,33 +166,82 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Library path: the product on cuBLAS / cuDNN (MKL / mkldnn on CPU), then residual + ReLU in place
+
+
+# Arithmetic intensity (FLOP per byte the fused op must move) from which the product runs on cuBLAS / cuDNN
+# and the add+ReLU as a second in-place pass: there the product dominates, and the vendor GEMM beats ours by
+# more than the extra pass costs (benchmarks/bench_linear.py and bench_conv1x1.py time both paths).
+LIBRARY_MIN_INTENSITY = 150.0
+GEMM_PATHS = ("auto", "triton", "library")
+_gemm_path: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_residual_gemm_path", default=None)
+
+
+@contextlib.contextmanager
+def use_gemm_path(name: str):
+    """Force the CUDA GEMM ops onto one path: "triton" (the fused kernel), "library" (vendor product + fused
+    add+ReLU pass) or "auto" (by arithmetic intensity). Also ``$FUSED_RESIDUAL_GEMM_PATH``."""
+    if name not in GEMM_PATHS:
+        raise ValueError(f"unknown GEMM path {name!r}; expected one of {GEMM_PATHS}")
+    token = _gemm_path.set(name)
+    try:
+        yield
+    finally:
+        _gemm_path.reset(token)
+
+
+def intensity(operands: list[Operand], residual, out) -> float:
+    M, N, _, _ = grid_of(out)
+    flops = 2.0 * M * N * sum(op.k for op in operands)
+    elements = sum(M * op.k + N * op.k for op in operands) + M * N * (2 if residual is not None else 1)
+    return flops / max(1, elements * out.element_size())
+
+
+def gemm_path(operands: list[Operand], residual, out) -> str:
+    name = _gemm_path.get() or os.environ.get("FUSED_RESIDUAL_GEMM_PATH", "auto")
+    if name not in GEMM_PATHS:
+        raise ValueError(f"unknown GEMM path {name!r} (FUSED_RESIDUAL_GEMM_PATH); expected one of {GEMM_PATHS}")
+    if name != "auto":
+        return name
+    return "library" if intensity(operands, residual, out) >= LIBRARY_MIN_INTENSITY else "triton"
+
+
+def _library_gemm(operands: list[Operand], bias, residual, new_out, add_relu_inplace) -> torch.Tensor:
+    """res = first product + bias by the vendor library; then relu(res + residual or second product) in place
+    by ``add_relu_inplace(res, skip)``."""
+    first, rest = operands[0], operands[1:]
+
+    def product(op, b=None):
+        if op.x.dim() == 2:
+            return torch.nn.functional.linear(op.x, op.weight, b)
+        return torch.nn.functional.conv2d(op.x, op.weight, b, stride=op.stride)
+
+    res = product(first, bias)
+    add_relu_inplace(res, residual if residual is not None else product(rest[0]))
+    if res.stride() == new_out(meta=True).stride():
+        return res
+    return new_out().copy_(res)  # the library chose another memory format than the op promises
+
+
 def _cpp_gemm(operands: list[Operand], bias, residual, new_out) -> torch.Tensor:
     C = _cpp.module()
     first, rest = operands[0], operands[1:]
-    if first.x.dim() == 2:
-        out = new_out()
-        # residual (or the bias) rides in addmm's beta*C term: BLAS writes out once with it added.
-        if residual is not None:
-            torch.addmm(residual, first.x, first.weight.t(), out=out)
-        elif bias is not None and not rest:
-            torch.addmm(bias, first.x, first.weight.t(), out=out)
-            bias = None
-        else:
-            torch.mm(first.x, first.weight.t(), out=out)
-        for op in rest:
-            out.addmm_(op.x, op.weight.t())
-        C.bias_relu_rows_(out, bias)
-        return out
-    # 1x1 convolutions: mkldnn's convolution (bias included), then the residual (or the second product)
-    # added and ReLU applied in place by the add_relu kernel: one pass, no further allocation.
-    res = torch.nn.functional.conv2d(first.x, first.weight, bias, stride=first.stride)
-    skip = residual if residual is not None else torch.nn.functional.conv2d(rest[0].x, rest[0].weight,
-                                                                            stride=rest[0].stride)
-    C.add_relu_fwd(res, skip, res, None)
-    out = new_out(meta=True)
-    if res.stride() == out.stride():
-        return res
-    return new_out().copy_(res)  # mkldnn chose another memory format than the op promises
+    if first.x.dim() != 2:  # 1x1 convolutions: mkldnn, then the add_relu kernel in place
+        return _library_gemm(operands, bias, residual, new_out, lambda r, s: C.add_relu_fwd(r, s, r, None))
+    out = new_out()
+    # residual (or the bias) rides in addmm's beta*C term: BLAS writes out once with it added.
+    if residual is not None:
+        torch.addmm(residual, first.x, first.weight.t(), out=out)
+    elif bias is not None and not rest:
+        torch.addmm(bias, first.x, first.weight.t(), out=out)
+        bias = None
+    else:
+        torch.mm(first.x, first.weight.t(), out=out)
+    for op in rest:
+        out.addmm_(op.x, op.weight.t())
+    C.bias_relu_rows_(out, bias)
+    return out
 
 
 def _run(new_out, operands: list[Operand], bias, residual, eager) -> torch.Tensor:
@@ -198,12 +250,13 @@ def _run(new_out, operands: list[Operand], bias, residual, eager) -> torch.Tenso
     backend = _backend.resolve(operands[0].x.device)
     if backend == "cpp":
         return _cpp_gemm(operands, bias, residual, new_out)
-    out = new_out()
     if backend == "triton":
+        if gemm_path(operands, residual, new_out(meta=True)) == "library":
+            return _library_gemm(operands, bias, residual, new_out, lambda r, s: _triton_forward(r, s, r, None))
+        out = new_out()
         _triton_gemm(operands, bias, residual, out)
-    else:
-        out.copy_(eager())
-    return out
+        return out
+    return new_out().copy_(eager())
 
 
 # ---------------------------------------------------------------------------------------------------------
