@@ -244,12 +244,17 @@ def test_library_path_accuracy(device, backend, dtype, case):
 def test_gemm_path_follows_arithmetic_intensity(monkeypatch):
     monkeypatch.delenv("FUSED_RESIDUAL_GEMM_PATH", raising=False)
 
-    def path(m, n, k):
-        x, w, out = torch.empty(m, k, device="meta"), torch.empty(n, k, device="meta"), torch.empty(m, n, device="meta")
+    def path(m, n, k):  # bf16, as the intensities in gemm_add_relu.py are counted
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        x, w, out = torch.empty(m, k, **meta), torch.empty(n, k, **meta), torch.empty(m, n, **meta)
         return gemm_ops.gemm_path([gemm_ops.Operand(x, w)], out, out)
 
     assert path(802816, 256, 64) == "triton"  # a ResNet shortcut: memory-bound
+    assert path(50176, 1024, 512) == "triton"  # ResNet-50 layer-3 shortcut, 204 FLOP/B
+    assert path(12544, 2048, 1024) == "library"  # 397 FLOP/B
     assert path(8192, 8192, 8192) == "library"  # compute-bound
+    x = w = out = torch.empty(8192, 8192, device="meta", dtype=torch.bfloat16)
+    assert gemm_ops.gemm_path([gemm_ops.Operand(x, w), gemm_ops.Operand(x, w)], None, out) == "triton"  # dual
     with gemm_ops.use_gemm_path("triton"):
         assert path(8192, 8192, 8192) == "triton"
     monkeypatch.setenv("FUSED_RESIDUAL_GEMM_PATH", "library")
