@@ -189,10 +189,14 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     except ImportError:
         print("matplotlib not installed (pip install fused_residual[bench]); no plot written")
         return
+    rows = [r for r in rows if r.speedup_vs_eager is not None and r.mode not in ("copy", "parity")]
+    if not rows:
+        print(f"nothing to plot for {path}")
+        return
     cases = list(dict.fromkeys((r.op, r.mode, r.shape, r.dtype) for r in rows))
     providers = [p for p in dict.fromkeys(r.provider for r in rows)]
     speed = {(r.op, r.mode, r.shape, r.dtype, r.provider): r.speedup_vs_eager for r in rows}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cases) * max(1, len(providers)) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(24.0, max(6.0, 0.25 * len(cases) * len(providers))), 5.0))
     width = 0.8 / max(1, len(providers))
     for i, p in enumerate(providers):
         ys = [speed.get((*c, p)) or 0.0 for c in cases]
@@ -207,6 +211,16 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def plot_csv(csv_path: str, png_path: str, title: str) -> None:
+    """Re-draw a plot from a CSV this module wrote (e.g. for results gathered on another machine)."""
+    with open(csv_path) as f:
+        rows = [Row(op=r["op"], shape=r["shape"], dtype=r["dtype"], provider=r["provider"], mode=r["mode"],
+                    median_ms=float(r["median_ms"]), metric=float(r["metric"]), unit=r["unit"],
+                    speedup_vs_eager=float(r["speedup_vs_eager"]) if r["speedup_vs_eager"] else None)
+                for r in csv.DictReader(f)]
+    plot(rows, png_path, title)
 
 
 def parse_args(description: str, argv=None):
