@@ -38,3 +38,8 @@ def status() -> tuple[bool, bool, str]:
 
 def interpreting() -> bool:
     return status()[1]
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids (triton.cdiv, without importing triton at package import)."""
+    return -(-a // b)

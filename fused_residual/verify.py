@@ -193,7 +193,8 @@ def pre_activation(ref_fn, weight_idx, args):
     return ref_fn(*plain) - ref_fn(*negated)
 
 
-def _leaves(args, dtype=None):
+def leaf_copies(args, dtype=None):
+    """Detached copies of the tensors in ``args`` (cast to ``dtype`` if given) that require grad."""
     return [(a.detach().to(dtype) if dtype else a.detach()).requires_grad_() if isinstance(a, torch.Tensor) else a
             for a in args]
 
@@ -201,18 +202,18 @@ def _leaves(args, dtype=None):
 def check_gemm(case: str, dtype: torch.dtype, device: str, backend: str | None) -> list[Check]:
     (fused_fn, ref_fn, weight_idx), build, lay = GEMM_CASES[case]
     base = build(dtype, device)
-    ref_args = _leaves(base, torch.float64)
+    ref_args = leaf_copies(base, torch.float64)
     ref_out = ref_fn(*ref_args)
     pre = pre_activation(ref_fn, weight_idx, ref_args)
     near_kink = pre.abs() < KINK_MARGIN[dtype] * max(1.0, pre.abs().max().item())
     grad = torch.where(near_kink, 0.0, torch.randn(ref_out.shape, device=device, dtype=torch.float64))
     ref_out.backward(grad)
 
-    eager_args = _leaves(base)
+    eager_args = leaf_copies(base)
     eager_out = ref_fn(*eager_args)
     eager_out.backward(grad.to(dtype))
 
-    args = _leaves(base)
+    args = leaf_copies(base)
     with _backend.use_backend(backend or _backend.current_backend()), _alloc.poison_outputs():
         out = fused_fn(*args)
         out.backward(grad.to(dtype))

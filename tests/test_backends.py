@@ -81,6 +81,24 @@ def test_import_without_cpp_extension_works():
     assert "[2.0, 2.0]" in res.stdout
 
 
+def test_import_without_triton_works():
+    """triton is optional at import: without it the cpp and eager backends run and triton says why not."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, fused_residual as fr\n"
+            "print(fr.add_relu(torch.ones(2), torch.ones(2)).tolist())\n"
+            "with fr.use_backend('triton'):\n"
+            "    try:\n"
+            "        fr.add_relu(torch.ones(2), torch.ones(2))\n"
+            "    except fr.BackendUnavailable as e:\n"
+            "        print('unavailable:', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "[2.0, 2.0]" in res.stdout and "triton not importable" in res.stdout
+
+
 def test_cpp_kernels_match_across_instruction_sets():
     """The DEFAULT build and the AVX2 build compute the same bits."""
     import importlib

@@ -17,10 +17,6 @@ def _build(case, dtype, device):
     return CASES[case][1](dtype, device)
 
 
-def _leaves(args):
-    return [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-
-
 def _grads(args):
     return [a.grad for a in args if isinstance(a, torch.Tensor)]
 
@@ -183,7 +179,7 @@ def _op_samples(device):
     samples = []
     for name, ((fused_fn, _, _), build, _) in CASES.items():
         op = getattr(ops, fused_fn.__name__).default
-        samples.append((op, tuple(_leaves(build(torch.float32, device)))))
+        samples.append((op, tuple(verify.leaf_copies(build(torch.float32, device)))))
     g, o = torch.randn(6, 10, device=device), torch.randn(6, 10, device=device)
     samples.append((ops.relu_grad_colsum.default, (g, o, True)))
     g4, o4 = torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 3, 4, 5, device=device)
@@ -204,8 +200,8 @@ def test_compile_fullgraph_forward_backward(device, backend, case):
     """Compiled (fullgraph) and uncompiled calls of the op give the same forward and gradients."""
     torch._dynamo.reset()
     (fused_fn, _, _), build, _ = CASES[case]
-    args = _leaves(build(torch.float32, device))
-    plain_args = _leaves(args)
+    args = verify.leaf_copies(build(torch.float32, device))
+    plain_args = verify.leaf_copies(args)
     compiled = torch.compile(lambda *a: fused_fn(*a) * 2, fullgraph=True, backend="aot_eager")
     with fr.use_backend(backend):
         out = compiled(*args)
@@ -219,7 +215,7 @@ def test_compile_fullgraph_forward_backward(device, backend, case):
 
 def test_compile_inductor_linear_add_relu():
     torch._dynamo.reset()
-    x, w, r, b = _leaves(verify.linear_case((16,), 32, 24)(torch.float32, "cpu"))
+    x, w, r, b = verify.leaf_copies(verify.linear_case((16,), 32, 24)(torch.float32, "cpu"))
     compiled = torch.compile(lambda *a: fr.linear_add_relu(*a).square(), fullgraph=True)
     out = compiled(x, w, r, b)
     out.sum().backward()

@@ -15,10 +15,10 @@ backend switch) for eager, compiled and exported code, and works under the Trito
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
-import triton  # noqa: F401  (cdiv below; the package requires triton on Linux)
 
 from .. import _alloc, _backend, _checks, _cpp, _triton, reference
 from .._layout import is_dense, is_dense_layout, iteration_space, same_dense_layout
@@ -49,8 +49,6 @@ def _check(op: str, z: torch.Tensor, skip: torch.Tensor) -> None:
 
 
 def _device_guard(t: torch.Tensor):
-    import contextlib
-
     if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
@@ -67,7 +65,7 @@ def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask
     mask_arg = mask if mask is not None else out
     if same_dense_layout(out, z, skip):
         with _device_guard(out):
-            K.add_relu_fwd_kernel[(triton.cdiv(numel, K.BLOCK),)](z, skip, out, mask_arg, numel, BLOCK=K.BLOCK,
+            K.add_relu_fwd_kernel[(_triton.cdiv(numel, K.BLOCK),)](z, skip, out, mask_arg, numel, BLOCK=K.BLOCK,
                                                                   **flags)
         return
     space = iteration_space(out, z, skip, max_dims=K.MAX_DIMS)
@@ -79,7 +77,7 @@ def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask
         return
     sizes, (o_st, z_st, s_st) = space
     with _device_guard(out):
-        K.add_relu_fwd_strided_kernel[(triton.cdiv(numel, K.STRIDED_BLOCK),)](
+        K.add_relu_fwd_strided_kernel[(_triton.cdiv(numel, K.STRIDED_BLOCK),)](
             z, skip, out, mask_arg, numel, sizes[1], sizes[2], sizes[3], *z_st, *s_st, *o_st,
             BLOCK=K.STRIDED_BLOCK, **flags)
 
@@ -95,7 +93,7 @@ def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.T
     mask_arg = mask if mask is not None else gin
     if same_dense_layout(gin, grad):
         with _device_guard(gin):
-            K.add_relu_bwd_kernel[(triton.cdiv(numel, K.BLOCK),)](
+            K.add_relu_bwd_kernel[(_triton.cdiv(numel, K.BLOCK),)](
                 grad, gate, mask_arg, gin, numel, FROM_MASK=mask is not None, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
         return
     space = iteration_space(gin, grad, max_dims=K.MAX_DIMS)
@@ -104,7 +102,7 @@ def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.T
         return
     sizes, (gin_st, g_st) = space
     with _device_guard(gin):
-        K.add_relu_bwd_strided_kernel[(triton.cdiv(numel, K.STRIDED_BLOCK),)](
+        K.add_relu_bwd_strided_kernel[(_triton.cdiv(numel, K.STRIDED_BLOCK),)](
             grad, gate, mask_arg, gin, numel, sizes[1], sizes[2], sizes[3], *g_st, *gin_st,
             FROM_MASK=mask is not None, BLOCK=K.STRIDED_BLOCK, num_warps=K.NUM_WARPS)
 

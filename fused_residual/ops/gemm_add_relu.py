@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Optional  # custom-op signatures: Optional, which every torch's infer_schema knows
 
 import torch
-import triton
 
 from .. import _alloc, _backend, _checks, _cpp, _triton, reference
 from .add_relu import _device_guard, _triton_forward, relu_uses_hw_max
@@ -130,7 +129,7 @@ def _triton_gemm(operands: list[Operand], bias, residual, out) -> None:
     ieee_fp32 = out.dtype == torch.float32 and flags["DOT_PRECISION"] == "ieee"
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (_triton.cdiv(M, meta["BLOCK_M"]) * _triton.cdiv(N, meta["BLOCK_N"]),)
 
     with _device_guard(out):
         if interpret:  # one small config: autotuning would run every config on the CPU
@@ -149,7 +148,7 @@ def _triton_gemm(operands: list[Operand], bias, residual, out) -> None:
 def _triton_relu_grad_colsum(grad, out, gm, partial) -> None:
     M, N, OH, OW = grid_of(out)
     K = _triton.kernels("gemm_add_relu")
-    grid = (triton.cdiv(M, K.GRAD_BLOCK_M), triton.cdiv(N, K.GRAD_BLOCK_N))
+    grid = (_triton.cdiv(M, K.GRAD_BLOCK_M), _triton.cdiv(N, K.GRAD_BLOCK_N))
     with _device_guard(out):
         K.relu_grad_colsum_kernel[grid](
             grad, out, gm, partial if partial is not None else gm, M, N, OH, OW,
@@ -455,7 +454,7 @@ def relu_grad_colsum(grad: torch.Tensor, out: torch.Tensor, with_colsum: bool) -
     backend = _backend.resolve(out.device)
     if backend == "triton":
         K = _triton.kernels("gemm_add_relu")
-        partial = torch.empty((triton.cdiv(M, K.GRAD_BLOCK_M), N), dtype=torch.float32, device=out.device) \
+        partial = torch.empty((_triton.cdiv(M, K.GRAD_BLOCK_M), N), dtype=torch.float32, device=out.device) \
             if with_colsum else None
         _triton_relu_grad_colsum(grad, out, gm, partial)
         if with_colsum:  # stage two: a fixed-order sum over the per-tile partials (no atomics)
