@@ -8,7 +8,7 @@ import fused_residual as fr
 from fused_residual import reference
 from fused_residual.ops import gemm_add_relu as gemm_ops
 from fused_residual import verify
-from helpers import DTYPES, assert_close_to_ref, device_backend_params
+from helpers import DTYPES, assert_close_to_ref, device_backend_params, poisoned
 
 CASES = verify.GEMM_CASES
 
@@ -76,6 +76,48 @@ def test_conv_output_keeps_the_input_memory_format():
             with fr.use_backend(backend):
                 out = fr.conv1x1_add_relu(x, w, r)
             assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dual", [False, True], ids=["linear", "dual"])
+def test_cpu_row_blocks_cover_every_row(monkeypatch, dual):
+    """The cpp path runs BLAS and the bias+ReLU pass in row blocks: with 64-row blocks over 203 rows (three
+    full blocks and a remainder, poisoned output) every row matches the eager formula's accuracy."""
+    monkeypatch.setattr(gemm_ops, "CPU_BLOCK_BYTES", 64 * 24 * 4)  # N=24 fp32 rows -> 64-row blocks
+    m, k, n = 203, 40, 24
+    x, w, b = torch.randn(m, k), torch.randn(n, k) / 6, torch.randn(n)
+    if dual:
+        args = (x, w, torch.randn(m, 16), torch.randn(n, 16) / 4, b)
+        fn, ref = fr.dual_linear_add_relu, reference.dual_linear_add_relu
+    else:
+        args, fn, ref = (x, w, torch.randn(m, n), b), fr.linear_add_relu, reference.linear_add_relu
+    with fr.use_backend("cpp"), poisoned():
+        out = fn(*args)
+    assert_close_to_ref(out, ref(*args), ref(*(a.double() for a in args)), "row blocks")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_zero_width_operands_match_eager(device, backend):
+    """K = 0 (an empty product: relu(bias + residual)) and N = 0 (no outputs), forward and backward."""
+    def run(fn, args):
+        leaves = [a.detach().requires_grad_() for a in args]
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out))
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    m = 5
+    cases = [(fr.linear_add_relu, reference.linear_add_relu,
+              (torch.randn(m, 0), torch.randn(3, 0), torch.randn(m, 3), torch.randn(3))),
+             (fr.dual_linear_add_relu, reference.dual_linear_add_relu,
+              (torch.randn(m, 4), torch.randn(3, 4), torch.randn(m, 0), torch.randn(3, 0), torch.randn(3))),
+             (fr.linear_add_relu, reference.linear_add_relu,
+              (torch.randn(m, 4), torch.randn(0, 4), torch.randn(m, 0), torch.randn(0)))]
+    for fn, ref, args in cases:
+        args = tuple(a.to(device) for a in args)
+        with fr.use_backend(backend), poisoned():
+            got = run(fn, args)
+        for g, e in zip(got, run(ref, args)):
+            assert g.shape == e.shape
+            assert torch.allclose(g, e, atol=1e-5), (fn.__name__, [a.shape for a in args])
 
 
 def test_tf32_follows_torch_matmul_setting():

@@ -160,9 +160,15 @@ def _triton_relu_grad_colsum(grad, out, gm, partial) -> None:
 # CPU (cpp) and eager paths
 
 
+def rows_of(t: torch.Tensor, view: bool = False) -> torch.Tensor:
+    """``t [..., C]`` as a [prod(...), C] matrix (spelled out, not -1: C may be 0)."""
+    shape = (t.shape[:-1].numel(), t.shape[-1])
+    return t.view(shape) if view else t.reshape(shape)
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """A [M, N] matrix view of a [M, N] or NCHW-shaped tensor (a view for channels_last, else a copy)."""
-    return t if t.dim() == 2 else t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    return t if t.dim() == 2 else rows_of(t.permute(0, 2, 3, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,23 +235,33 @@ def _library_gemm(operands: list[Operand], bias, residual, new_out, add_relu_inp
     return new_out().copy_(res)  # the library chose another memory format than the op promises
 
 
+# The CPU path runs in row blocks of about this many output bytes: BLAS writes a block (residual included)
+# and the bias + ReLU pass rewrites it while it is still in the core's L2 cache, instead of streaming the
+# whole output through DRAM a second time. Measured on a 2-core EPYC VM (1 MiB L2 per core), M=4096,
+# N=K=512 fp32: 11.5 ms with 1024-row (2 MiB) blocks, 12.3 ms unblocked, 12.5 ms eager; 256-row blocks
+# lose the gain to BLAS call overhead (12.1 ms).
+CPU_BLOCK_BYTES = 2 << 20
+
+
 def _cpp_gemm(operands: list[Operand], bias, residual, new_out) -> torch.Tensor:
     C = _cpp.module()
     first, rest = operands[0], operands[1:]
     if first.x.dim() != 2:  # 1x1 convolutions: mkldnn, then the add_relu kernel in place
         return _library_gemm(operands, bias, residual, new_out, lambda r, s: C.add_relu_fwd(r, s, r, None))
     out = new_out()
-    # residual (or the bias) rides in addmm's beta*C term: BLAS writes out once with it added.
-    if residual is not None:
-        torch.addmm(residual, first.x, first.weight.t(), out=out)
-    elif bias is not None and not rest:
-        torch.addmm(bias, first.x, first.weight.t(), out=out)
-        bias = None
-    else:
-        torch.mm(first.x, first.weight.t(), out=out)
-    for op in rest:
-        out.addmm_(op.x, op.weight.t())
-    C.bias_relu_rows_(out, bias)
+    M, N = out.shape
+    rows = max(64, CPU_BLOCK_BYTES // max(1, N * out.element_size()))
+    for lo in range(0, M, rows):
+        hi = min(M, lo + rows)
+        o = out[lo:hi]
+        # The residual rides in addmm's beta*C term: BLAS writes the block once with it added.
+        if residual is not None:
+            torch.addmm(residual[lo:hi], first.x[lo:hi], first.weight.t(), out=o)
+        else:
+            torch.mm(first.x[lo:hi], first.weight.t(), out=o)
+        for op in rest:
+            o.addmm_(op.x[lo:hi], op.weight.t())
+        C.bias_relu_rows_(o, bias)
     return out
 
 
@@ -370,8 +386,8 @@ def _rows_out(x: torch.Tensor, n: int):
 def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = _check_linear("linear_add_relu", x, weight, residual, bias)
-    return _run(_rows_out(x, n), [Operand(x.reshape(-1, x.shape[-1]), weight)], bias, residual.reshape(-1, n),
-                lambda: reference.linear_add_relu(x, weight, residual, bias).view(-1, n)
+    return _run(_rows_out(x, n), [Operand(rows_of(x), weight)], bias, rows_of(residual),
+                lambda: rows_of(reference.linear_add_relu(x, weight, residual, bias))
                 ).view(*x.shape[:-1], n)
 
 
@@ -385,10 +401,9 @@ def _(x, weight, residual, bias=None):
 def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
                          shortcut_weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = _check_dual_linear("dual_linear_add_relu", x, weight, shortcut, shortcut_weight, bias)
-    operands = [Operand(x.reshape(-1, x.shape[-1]), weight),
-                Operand(shortcut.reshape(-1, shortcut.shape[-1]), shortcut_weight)]
+    operands = [Operand(rows_of(x), weight), Operand(rows_of(shortcut), shortcut_weight)]
     return _run(_rows_out(x, n), operands, bias, None,
-                lambda: reference.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias).view(-1, n)
+                lambda: rows_of(reference.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias))
                 ).view(*x.shape[:-1], n)
 
 
@@ -483,7 +498,7 @@ def _masked_grad(grad, out, bias_needed):
 
 
 def _linear_grads(gm2d, x, weight, need_x, need_w):
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = rows_of(x)
     gx = (gm2d @ weight).view(x.shape) if need_x else None
     gw = gm2d.t() @ x2d if need_w else None
     return gx, gw
@@ -505,9 +520,8 @@ def _setup_linear(ctx, inputs, output):
 
 def _backward_linear(ctx, grad):
     x, weight, out = ctx.saved_tensors
-    n = out.shape[-1]
     need = ctx.needs_input_grad
-    gm, gb = _masked_grad(grad.reshape(-1, n), out.view(-1, n), ctx.has_bias and need[3])
+    gm, gb = _masked_grad(rows_of(grad), rows_of(out, view=True), ctx.has_bias and need[3])
     gx, gw = _linear_grads(gm, x, weight, need[0], need[1])
     return gx, gw, gm.view(out.shape) if need[2] else None, gb
 
@@ -520,9 +534,8 @@ def _setup_dual_linear(ctx, inputs, output):
 
 def _backward_dual_linear(ctx, grad):
     x, weight, shortcut, shortcut_weight, out = ctx.saved_tensors
-    n = out.shape[-1]
     need = ctx.needs_input_grad
-    gm, gb = _masked_grad(grad.reshape(-1, n), out.view(-1, n), ctx.has_bias and need[4])
+    gm, gb = _masked_grad(rows_of(grad), rows_of(out, view=True), ctx.has_bias and need[4])
     gx, gw = _linear_grads(gm, x, weight, need[0], need[1])
     gs, gsw = _linear_grads(gm, shortcut, shortcut_weight, need[2], need[3])
     return gx, gw, gs, gsw, gb
