@@ -109,7 +109,8 @@ class Bench:
     def measure(self, op: str, shape, dtype: str, provider: str, mode: str, fn, *, nbytes: float | None = None,
                 flops: float | None = None, copy: float | None = None) -> Row | None:
         """Time ``fn``; the metric is GB/s of ``nbytes`` (fused-op bytes: each input read once, each output
-        written once) or TFLOP/s of ``flops``. ``copy`` is the copy kernel's GB/s for the same data."""
+        written once), TFLOP/s of ``flops``, or with neither microseconds per call. ``copy`` is the copy
+        kernel's GB/s for the same data."""
         shape_s = "x".join(map(str, shape)) if not isinstance(shape, str) else shape
         try:
             ms = time_ms(fn, self.device, self.quick)
@@ -118,6 +119,8 @@ class Bench:
             return None
         if flops is not None:
             metric, unit = flops / ms / 1e9, "TFLOP/s"
+        elif nbytes is None:
+            metric, unit = ms * 1e3, "us/call"
         else:
             metric, unit = (nbytes or 0) / ms / 1e6, "GB/s"
         frac = (nbytes / ms / 1e6) / copy if (copy and nbytes) else None

@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     import torch
 
     from fused_residual import verify
-    from fused_residual._benchmarks import bench_add_relu, bench_conv1x1, bench_linear, bench_resnet, profile_ops
+    from fused_residual._benchmarks import (bench_add_relu, bench_conv1x1, bench_linear, bench_overhead, bench_resnet,
+                                            profile_ops)
 
     work = os.path.join("/tmp", f"fused_residual_bench_{os.getpid()}")
     os.makedirs(args.out, exist_ok=True)
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     phases = [
         ("verify", 60, run_verify),
         ("profile", 40, lambda o: profile_ops.run(dev, quick, o)),
+        ("overhead", 20, lambda o: bench_overhead.run(dev, quick, o)),
         ("add_relu", 90, lambda o: bench_add_relu.run(dev, quick, o)),
         ("linear", 100, lambda o: bench_linear.run(dev, quick, o, max_autotune="off")),
         ("conv1x1", 70, lambda o: bench_conv1x1.run(dev, quick, o)),

@@ -48,5 +48,6 @@ def empty_strided(shape, stride, like: torch.Tensor, dtype: torch.dtype | None =
     return _prepare(torch.empty_strided(shape, stride, dtype=dtype or like.dtype, device=like.device))
 
 
-def empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return _prepare(torch.empty(shape, dtype=dtype or like.dtype, device=like.device))
+def empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None,
+          memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    return _prepare(torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format))

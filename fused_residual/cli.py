@@ -68,7 +68,7 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
-BENCHES = ("add_relu", "linear", "conv1x1", "resnet")
+BENCHES = ("add_relu", "linear", "conv1x1", "overhead", "resnet")
 
 
 def _bench(args) -> int:

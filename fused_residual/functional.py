@@ -1,4 +1,6 @@
-"""The public fused functions. Each checks its arguments and calls the ``torch.ops.fused_residual`` op."""
+"""The public fused functions. Each checks its arguments and calls the ``torch.ops.fused_residual`` op, or
+in plain eager mode the op's implementation and autograd formulas without the dispatcher round trips
+(``fused_residual.ops._direct``; same code, bit-identical results)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import torch
 
 from . import _checks
 from . import ops as _ops  # noqa: F401  (registers torch.ops.fused_residual.*)
-from .ops.add_relu import AddReLUInplace
+from .ops import _direct
+from .ops import add_relu as _ar
+from .ops import gemm_add_relu as _gemm
 
 SAVE_MODES = ("output", "mask")
 
@@ -22,8 +26,10 @@ def add_relu(z: torch.Tensor, skip: torch.Tensor, *, save: str = "output") -> to
     if save not in SAVE_MODES:
         raise ValueError(f"add_relu: save must be one of {SAVE_MODES}, got {save!r}")
     if save == "mask" and torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
+        if _direct.plain_eager(z, skip):
+            return _ar.AddReLUWithMask.apply(z, skip)[0]
         return torch.ops.fused_residual.add_relu_with_mask(z, skip)[0]
-    return torch.ops.fused_residual.add_relu(z, skip)
+    return _direct.run(torch.ops.fused_residual.add_relu, _ar.AddReLU, _ar._add_relu, z, skip)
 
 
 def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -40,8 +46,12 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if z._base is not None and z._base.is_leaf and z._base.requires_grad:
             raise RuntimeError("add_relu_: a view of a leaf Variable that requires grad is being used in an "
                                "in-place operation")
-        return AddReLUInplace.apply(z, skip)
-    torch.ops.fused_residual.add_relu_(z, skip)
+        return _ar.AddReLUInplace.apply(z, skip)
+    if _direct.plain_eager(z, skip):
+        _ar._add_relu_inplace(z, skip)
+        torch.autograd.graph.increment_version(z)  # what the mutating op's wrapper does for autograd
+    else:
+        torch.ops.fused_residual.add_relu_(z, skip)
     return z
 
 
@@ -63,7 +73,8 @@ def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     _checks.tensors("linear_add_relu", x=x, weight=weight, residual=residual)
     _checks.optional_tensors("linear_add_relu", bias=bias)
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
-    return torch.ops.fused_residual.linear_add_relu(x, weight, residual, bias)
+    return _direct.run(torch.ops.fused_residual.linear_add_relu, _gemm.LinearAddReLU, _gemm._linear_add_relu,
+                       x, weight, residual, bias)
 
 
 def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
@@ -78,7 +89,8 @@ def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.
     _checks.optional_tensors("dual_linear_add_relu", bias=bias)
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
-    return torch.ops.fused_residual.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias)
+    return _direct.run(torch.ops.fused_residual.dual_linear_add_relu, _gemm.DualLinearAddReLU,
+                       _gemm._dual_linear_add_relu, x, weight, shortcut, shortcut_weight, bias)
 
 
 def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
@@ -92,7 +104,8 @@ def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
     _checks.tensors("conv1x1_add_relu", x=x, weight=weight, residual=residual)
     _checks.optional_tensors("conv1x1_add_relu", bias=bias)
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
-    return torch.ops.fused_residual.conv1x1_add_relu(x, weight, residual, bias, stride)
+    return _direct.run(torch.ops.fused_residual.conv1x1_add_relu, _gemm.Conv1x1AddReLU, _gemm._conv1x1_add_relu,
+                       x, weight, residual, bias, stride)
 
 
 def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
@@ -105,5 +118,5 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
     _checks.optional_tensors("dual_conv1x1_add_relu", bias=bias)
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
-    return torch.ops.fused_residual.dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias,
-                                                         shortcut_stride)
+    return _direct.run(torch.ops.fused_residual.dual_conv1x1_add_relu, _gemm.DualConv1x1AddReLU,
+                       _gemm._dual_conv1x1_add_relu, x, weight, shortcut, shortcut_weight, bias, shortcut_stride)

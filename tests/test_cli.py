@@ -69,6 +69,18 @@ def test_bench_quick_writes_csv_and_plot(tmp_path, which):
     assert "vs eager" in res.stdout  # the table
 
 
+def test_bench_overhead_times_both_call_paths(tmp_path):
+    res = _run("bench", "overhead", "--quick", "--device", "cpu", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with open(tmp_path / "overhead.csv") as f:
+        rows = list(csv.DictReader(f))
+    for op in ("add_relu", "linear_add_relu", "conv1x1_add_relu"):
+        for mode in ("fwd", "fwd+bwd"):
+            got = {r["provider"]: r for r in rows if r["op"] == op and r["mode"] == mode}
+            assert set(got) == {"eager", "fused", "fused [torch.ops]"}, (op, mode, set(got))
+            assert all(r["unit"] == "us/call" and float(r["metric"]) > 0 for r in got.values())
+
+
 def test_resnet_quick(tmp_path):
     res = _run("resnet", "--quick", "--no-compile", "--device", "cpu", "--out", str(tmp_path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

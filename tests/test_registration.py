@@ -114,3 +114,88 @@ def test_export_round_trip():
     ep = torch.export.export(Block(), (z, skip))
     assert "fused_residual.add_relu" in str(ep.graph)
     assert_bitwise_equal(ep.module()(z, skip), torch.relu(z + skip))
+
+
+# ---- the eager fast path (fused_residual.ops._direct) ------------------------------------------------------
+
+
+def _fast_path_cases():
+    """(name, function, args): every public function, with inputs that need gradients."""
+    def t(*shape, cl=False):
+        x = torch.randn(*shape)
+        return (x.to(memory_format=torch.channels_last) if cl else x).requires_grad_()
+
+    return [
+        ("add_relu", fr.add_relu, (t(3, 4, 5), t(3, 4, 5))),
+        ("add_relu mask", lambda z, s: fr.add_relu(z, s, save="mask"), (t(3, 4, 5), t(3, 4, 5))),
+        ("add_relu_", lambda z, s: fr.add_relu_(z * 1, s), (t(40), t(40))),
+        ("linear", fr.linear_add_relu, (t(2, 7, 9), t(6, 9), t(2, 7, 6), t(6))),
+        ("dual linear", fr.dual_linear_add_relu, (t(7, 9), t(6, 9), t(7, 5), t(6, 5), t(6))),
+        ("conv", lambda x, w, r, b: fr.conv1x1_add_relu(x, w, r, b, stride=2),
+         (t(2, 4, 5, 5, cl=True), t(6, 4, 1, 1), t(2, 6, 3, 3), t(6))),
+        ("dual conv", lambda x, w, s, ws, b: fr.dual_conv1x1_add_relu(x, w, s, ws, b, shortcut_stride=2),
+         (t(2, 4, 3, 3), t(6, 4, 1, 1), t(2, 3, 6, 6), t(6, 3, 1, 1), t(6))),
+    ]
+
+
+def _forward_backward(fn, args):
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    out = fn(*leaves)
+    out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(5)))
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+def test_fast_path_is_bit_identical_to_the_registered_ops(monkeypatch, backend):
+    """The public functions run the ops' implementation directly in plain eager mode; with the fast path
+    switched off they go through torch.ops. Outputs and gradients agree bit for bit."""
+    from fused_residual.ops import _direct
+
+    for name, fn, args in _fast_path_cases():
+        with fr.use_backend(backend):
+            direct = _forward_backward(fn, args)
+            with monkeypatch.context() as m:
+                m.setattr(_direct, "plain_eager", lambda *tensors: False)
+                via_ops = _forward_backward(fn, args)
+        for i, (a, b) in enumerate(zip(direct, via_ops)):
+            assert_bitwise_equal(a, b, f"{name}: {'output' if i == 0 else f'grad of input {i - 1}'}")
+
+
+def test_fast_path_takes_plain_eager_calls_only():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+
+    from fused_residual.ops import _direct
+
+    z = torch.randn(4)
+    assert _direct.plain_eager(z, torch.nn.Parameter(z), None)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(z)
+        assert not _direct.plain_eager(fake)
+        out = fr.linear_add_relu(mode.from_tensor(torch.randn(3, 4)), mode.from_tensor(torch.randn(5, 4)),
+                                 mode.from_tensor(torch.randn(3, 5)))  # the fake impl answers
+        assert out.shape == (3, 5)
+
+    class Noop(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Noop():
+        assert not _direct.plain_eager(z)
+    assert not torch.vmap(lambda t: torch.tensor(_direct.plain_eager(t)))(torch.randn(2, 3)).any()
+    with torch.profiler.profile() as prof:
+        assert not _direct.plain_eager(z)
+        fr.linear_add_relu(torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 5))
+    assert any(e.name == "fused_residual::linear_add_relu" for e in prof.events())
+
+
+def test_fast_path_inplace_bumps_the_version_counter():
+    """add_relu_ without autograd writes z directly: autograd must still see that z changed."""
+    a = torch.randn(8, requires_grad=True)
+    z = a.exp()  # exp saves its output for the backward
+    before = z._version
+    with torch.no_grad():
+        fr.add_relu_(z, torch.randn(8))
+    assert z._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()

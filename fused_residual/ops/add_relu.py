@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from .. import _alloc, _backend, _checks, _cpp, _triton, reference
+from . import _direct
 from .._layout import is_dense, is_dense_layout, iteration_space, same_dense_layout
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,12 +140,14 @@ def _backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor |
         reference.storage_order(gin).copy_(torch.where(keep, grad_in_order, 0))
 
 
-@torch.library.custom_op("fused_residual::add_relu", mutates_args=())
-def add_relu(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+def _add_relu(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     _check("add_relu", z, skip)
     out = _alloc.empty_like(z)
     _forward(z, skip, out, None)
     return out
+
+
+add_relu = torch.library.custom_op("fused_residual::add_relu", _add_relu, mutates_args=())
 
 
 @add_relu.register_fake
@@ -153,13 +156,16 @@ def _(z, skip):
     return torch.empty_like(z)
 
 
-@torch.library.custom_op("fused_residual::add_relu_with_mask", mutates_args=())
-def add_relu_with_mask(z: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_relu_with_mask(z: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check("add_relu", z, skip)
     out = _alloc.empty_like(z)
     mask = _alloc.empty(mask_numel(z.numel()), z, dtype=torch.uint8)
     _forward(z, skip, out, mask)
     return out, mask
+
+
+add_relu_with_mask = torch.library.custom_op("fused_residual::add_relu_with_mask", _add_relu_with_mask,
+                                             mutates_args=())
 
 
 @add_relu_with_mask.register_fake
@@ -168,11 +174,13 @@ def _(z, skip):
     return torch.empty_like(z), z.new_empty(mask_numel(z.numel()), dtype=torch.uint8)
 
 
-@torch.library.custom_op("fused_residual::add_relu_", mutates_args=("z",))
-def add_relu_inplace(z: torch.Tensor, skip: torch.Tensor) -> None:
+def _add_relu_inplace(z: torch.Tensor, skip: torch.Tensor) -> None:
     _check("add_relu_", z, skip)
     _checks.writable_destination("add_relu_", z, skip)
     _forward(z, skip, z, None)
+
+
+add_relu_inplace = torch.library.custom_op("fused_residual::add_relu_", _add_relu_inplace, mutates_args=("z",))
 
 
 @add_relu_inplace.register_fake
@@ -180,14 +188,17 @@ def _(z, skip):
     _check("add_relu_", z, skip)
 
 
-@torch.library.custom_op("fused_residual::add_relu_backward", mutates_args=())
-def add_relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _add_relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     _check("add_relu_backward", grad, out)
     gin = _alloc.empty_like(out)
     if not same_dense_layout(gin, out):  # out is not dense (a direct call): gate from a dense copy
         out = torch.empty_like(gin).copy_(out)
     _backward(grad, out, None, gin)
     return gin
+
+
+add_relu_backward = torch.library.custom_op("fused_residual::add_relu_backward", _add_relu_backward,
+                                            mutates_args=())
 
 
 @add_relu_backward.register_fake
@@ -205,13 +216,16 @@ def _check_mask(grad: torch.Tensor, mask: torch.Tensor, out_stride: Sequence[int
                          f"shape {tuple(grad.shape)}")
 
 
-@torch.library.custom_op("fused_residual::add_relu_mask_backward", mutates_args=())
-def add_relu_mask_backward(grad: torch.Tensor, mask: torch.Tensor, out_stride: Sequence[int]) -> torch.Tensor:
+def _add_relu_mask_backward(grad: torch.Tensor, mask: torch.Tensor, out_stride: Sequence[int]) -> torch.Tensor:
     _checks.floating("add_relu_mask_backward", grad=grad)
     _check_mask(grad, mask, out_stride)
     gin = _alloc.empty_strided(grad.shape, out_stride, grad)
     _backward(grad, None, mask.contiguous(), gin)
     return gin
+
+
+add_relu_mask_backward = torch.library.custom_op("fused_residual::add_relu_mask_backward", _add_relu_mask_backward,
+                                                 mutates_args=())
 
 
 @add_relu_mask_backward.register_fake
@@ -230,7 +244,7 @@ def _setup_output(ctx, inputs, output):
 
 def _backward_output(ctx, grad):
     (out,) = ctx.saved_tensors
-    gin = add_relu_backward(grad, out)
+    gin = _direct.call(add_relu_backward, _add_relu_backward, grad, out)
     return gin, gin
 
 
@@ -243,7 +257,7 @@ def _setup_mask(ctx, inputs, output):
 
 def _backward_mask(ctx, grad, _grad_mask):
     (mask,) = ctx.saved_tensors
-    gin = add_relu_mask_backward(grad, mask, ctx.out_stride)
+    gin = _direct.call(add_relu_mask_backward, _add_relu_mask_backward, grad, mask, ctx.out_stride)
     return gin, gin
 
 
@@ -278,7 +292,7 @@ class AddReLUInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, skip):
-        add_relu_inplace(z, skip)
+        _direct.call(add_relu_inplace, _add_relu_inplace, z, skip)
         ctx.mark_dirty(z)
         ctx.save_for_backward(z)
         return z
@@ -286,5 +300,11 @@ class AddReLUInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        gin = add_relu_backward(grad, out)
+        gin = _direct.call(add_relu_backward, _add_relu_backward, grad, out)
         return gin, gin
+
+
+# The eager fast path of the two forward ops (fused_residual.ops._direct): the same implementation and
+# autograd formulas without the dispatcher round trips.
+AddReLU = _direct.function("add_relu", _add_relu, _setup_output, _backward_output)
+AddReLUWithMask = _direct.function("add_relu_with_mask", _add_relu_with_mask, _setup_mask, _backward_mask)

@@ -34,6 +34,7 @@ from typing import Optional  # custom-op signatures: Optional, which every torch
 import torch
 
 from .. import _alloc, _backend, _checks, _cpp, _triton, reference
+from . import _direct
 from .add_relu import _device_guard, _triton_forward, relu_uses_hw_max
 
 
@@ -162,6 +163,8 @@ def _triton_relu_grad_colsum(grad, out, gm, partial) -> None:
 
 def rows_of(t: torch.Tensor, view: bool = False) -> torch.Tensor:
     """``t [..., C]`` as a [prod(...), C] matrix (spelled out, not -1: C may be 0)."""
+    if t.dim() == 2:
+        return t
     shape = (t.shape[:-1].numel(), t.shape[-1])
     return t.view(shape) if view else t.reshape(shape)
 
@@ -251,17 +254,23 @@ def _cpp_gemm(operands: list[Operand], bias, residual, new_out) -> torch.Tensor:
     out = new_out()
     M, N = out.shape
     rows = max(64, CPU_BLOCK_BYTES // max(1, N * out.element_size()))
+
+    def block(o, res, xs):
+        # The residual rides in addmm's beta*C term: BLAS writes the block once with it added.
+        if res is not None:
+            torch.addmm(res, xs[0], first.weight.t(), out=o)
+        else:
+            torch.mm(xs[0], first.weight.t(), out=o)
+        for x, op in zip(xs[1:], rest):
+            o.addmm_(x, op.weight.t())
+        C.bias_relu_rows_(o, bias)
+
+    if M <= rows:
+        block(out, residual, [op.x for op in operands])
+        return out
     for lo in range(0, M, rows):
         hi = min(M, lo + rows)
-        o = out[lo:hi]
-        # The residual rides in addmm's beta*C term: BLAS writes the block once with it added.
-        if residual is not None:
-            torch.addmm(residual[lo:hi], first.x[lo:hi], first.weight.t(), out=o)
-        else:
-            torch.mm(first.x[lo:hi], first.weight.t(), out=o)
-        for op in rest:
-            o.addmm_(op.x[lo:hi], op.weight.t())
-        C.bias_relu_rows_(o, bias)
+        block(out[lo:hi], residual[lo:hi] if residual is not None else None, [op.x[lo:hi] for op in operands])
     return out
 
 
@@ -382,13 +391,15 @@ def _rows_out(x: torch.Tensor, n: int):
 # Ops
 
 
-@torch.library.custom_op("fused_residual::linear_add_relu", mutates_args=())
-def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def _linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = _check_linear("linear_add_relu", x, weight, residual, bias)
     return _run(_rows_out(x, n), [Operand(rows_of(x), weight)], bias, rows_of(residual),
                 lambda: rows_of(reference.linear_add_relu(x, weight, residual, bias))
                 ).view(*x.shape[:-1], n)
+
+
+linear_add_relu = torch.library.custom_op("fused_residual::linear_add_relu", _linear_add_relu, mutates_args=())
 
 
 @linear_add_relu.register_fake
@@ -397,8 +408,7 @@ def _(x, weight, residual, bias=None):
     return x.new_empty((*x.shape[:-1], n))
 
 
-@torch.library.custom_op("fused_residual::dual_linear_add_relu", mutates_args=())
-def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
+def _dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
                          shortcut_weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = _check_dual_linear("dual_linear_add_relu", x, weight, shortcut, shortcut_weight, bias)
     operands = [Operand(rows_of(x), weight), Operand(rows_of(shortcut), shortcut_weight)]
@@ -407,18 +417,24 @@ def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.
                 ).view(*x.shape[:-1], n)
 
 
+dual_linear_add_relu = torch.library.custom_op("fused_residual::dual_linear_add_relu", _dual_linear_add_relu,
+                                                mutates_args=())
+
+
 @dual_linear_add_relu.register_fake
 def _(x, weight, shortcut, shortcut_weight, bias=None):
     n = _check_dual_linear("dual_linear_add_relu", x, weight, shortcut, shortcut_weight, bias)
     return x.new_empty((*x.shape[:-1], n))
 
 
-@torch.library.custom_op("fused_residual::conv1x1_add_relu", mutates_args=())
-def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def _conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, stride: int = 1) -> torch.Tensor:
     out_shape = _check_conv("conv1x1_add_relu", x, weight, residual, bias, stride)
     return _run(_conv_out(x, out_shape), [Operand(x, weight, stride)], bias, residual,
                 lambda: reference.conv1x1_add_relu(x, weight, residual, bias, stride))
+
+
+conv1x1_add_relu = torch.library.custom_op("fused_residual::conv1x1_add_relu", _conv1x1_add_relu, mutates_args=())
 
 
 @conv1x1_add_relu.register_fake
@@ -427,8 +443,7 @@ def _(x, weight, residual, bias=None, stride=1):
     return torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("fused_residual::dual_conv1x1_add_relu", mutates_args=())
-def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
+def _dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
                           shortcut_weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                           shortcut_stride: int = 1) -> torch.Tensor:
     out_shape = _check_dual_conv("dual_conv1x1_add_relu", x, weight, shortcut, shortcut_weight, bias,
@@ -437,6 +452,10 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
                 bias, None,
                 lambda: reference.dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias,
                                                         shortcut_stride))
+
+
+dual_conv1x1_add_relu = torch.library.custom_op("fused_residual::dual_conv1x1_add_relu", _dual_conv1x1_add_relu,
+                                                 mutates_args=())
 
 
 @dual_conv1x1_add_relu.register_fake
@@ -453,8 +472,7 @@ def _grad_layout(out: torch.Tensor) -> dict:
     return {} if out.dim() == 2 else {"memory_format": torch.channels_last}
 
 
-@torch.library.custom_op("fused_residual::relu_grad_colsum", mutates_args=())
-def relu_grad_colsum(grad: torch.Tensor, out: torch.Tensor, with_colsum: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _relu_grad_colsum(grad: torch.Tensor, out: torch.Tensor, with_colsum: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad where not (out <= 0) else 0, its fp32 sums over all dims but the channel dim, or an empty
     tensor). ``grad``/``out`` are [M, N] or NCHW-shaped; the masked gradient comes back row-major [M, N]
     (channels_last for NCHW shapes), the layout the dgrad/wgrad GEMMs read fastest."""
@@ -463,8 +481,7 @@ def relu_grad_colsum(grad: torch.Tensor, out: torch.Tensor, with_colsum: bool) -
     if out.dim() not in (2, 4):
         raise ValueError(f"relu_grad_colsum: expected a 2-D or 4-D out, got shape {tuple(out.shape)}")
     M, N, _, _ = grid_of(out)
-    gm = torch.empty(out.shape, dtype=out.dtype, device=out.device, **_grad_layout(out))
-    gm = _alloc.empty_strided(gm.shape, gm.stride(), out)
+    gm = _alloc.empty(out.shape, out, **_grad_layout(out))
     colsum = _alloc.empty((N,) if with_colsum else (0,), out, dtype=torch.float32)
     backend = _backend.resolve(out.device)
     if backend == "triton":
@@ -484,6 +501,9 @@ def relu_grad_colsum(grad: torch.Tensor, out: torch.Tensor, with_colsum: bool) -
     return gm, colsum
 
 
+relu_grad_colsum = torch.library.custom_op("fused_residual::relu_grad_colsum", _relu_grad_colsum, mutates_args=())
+
+
 @relu_grad_colsum.register_fake
 def _(grad, out, with_colsum):
     _checks.same_shape("relu_grad_colsum", "grad", grad, "out", out)
@@ -493,7 +513,7 @@ def _(grad, out, with_colsum):
 
 
 def _masked_grad(grad, out, bias_needed):
-    gm, colsum = relu_grad_colsum(grad, out, bias_needed)
+    gm, colsum = _direct.call(relu_grad_colsum, _relu_grad_colsum, grad, out, bias_needed)
     return gm, (colsum.to(out.dtype) if bias_needed else None)
 
 
@@ -576,3 +596,11 @@ linear_add_relu.register_autograd(_backward_linear, setup_context=_setup_linear)
 dual_linear_add_relu.register_autograd(_backward_dual_linear, setup_context=_setup_dual_linear)
 conv1x1_add_relu.register_autograd(_backward_conv, setup_context=_setup_conv)
 dual_conv1x1_add_relu.register_autograd(_backward_dual_conv, setup_context=_setup_dual_conv)
+
+# The eager fast path of the four forward ops (fused_residual.ops._direct).
+LinearAddReLU = _direct.function("linear_add_relu", _linear_add_relu, _setup_linear, _backward_linear)
+DualLinearAddReLU = _direct.function("dual_linear_add_relu", _dual_linear_add_relu, _setup_dual_linear,
+                                     _backward_dual_linear)
+Conv1x1AddReLU = _direct.function("conv1x1_add_relu", _conv1x1_add_relu, _setup_conv, _backward_conv)
+DualConv1x1AddReLU = _direct.function("dual_conv1x1_add_relu", _dual_conv1x1_add_relu, _setup_dual_conv,
+                                      _backward_dual_conv)
