@@ -187,6 +187,8 @@ def test_fast_path_takes_plain_eager_calls_only():
         assert not _direct.plain_eager(z)
         fr.linear_add_relu(torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 5))
     assert any(e.name == "fused_residual::linear_add_relu" for e in prof.events())
+    traced = torch.jit.trace(lambda z, s: fr.add_relu(z, s), (z, z.flip(0)))
+    assert "fused_residual::add_relu" in str(traced.graph)
 
 
 def test_fast_path_inplace_bumps_the_version_counter():

@@ -1,15 +1,15 @@
 """The eager fast path: plain tensors in plain eager mode skip the dispatcher round trips of ``custom_op``.
 
 A ``torch.library.custom_op`` call hops Python -> dispatcher -> Python autograd kernel -> dispatcher ->
-Python implementation, and ``register_autograd`` adds its own wrapper: tens of microseconds per call, and
-more per backward, on a CPU where eager's add + ReLU costs a few (benchmarks/results: a forward + backward
-through ``linear_add_relu`` on tiny tensors took 230 us against eager's 72 us). The public functions
-therefore call the same implementation and the same autograd formulas through a ``torch.autograd.Function``
-when nothing but autograd needs to see the call: :func:`plain_eager` says when that is. Everywhere else
-(torch.compile and torch.export tracing, fake / functional / subclass tensors, vmap and other functorch
-transforms, TorchFunction and TorchDispatch modes, the profiler) they call ``torch.ops.fused_residual.*``,
-so compiled graphs, exported programs and traces see the registered ops. Both paths run the same code on
-the same backend, so their results are bit-identical (tests/test_registration.py checks it).
+Python implementation, and ``register_autograd`` wraps the backward again: tens of microseconds per call on
+ops whose kernels may take a few (``fused-residual bench overhead`` measures both paths). The public
+functions therefore run the same implementation and the same autograd formulas through a
+``torch.autograd.Function`` when nothing but autograd needs to see the call: :func:`plain_eager` says when
+that is. Everywhere else (torch.compile and torch.export tracing, torch.jit.trace, fake / functional /
+subclass tensors, vmap and other functorch transforms, TorchFunction and TorchDispatch modes, the profiler)
+they call ``torch.ops.fused_residual.*``, so compiled graphs, exported programs and traces see the
+registered ops. Both paths run the same code on the same backend, so their results are bit-identical
+(tests/test_registration.py checks it).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def plain_eager(*tensors) -> bool:
             return False
     return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._functorch.peek_interpreter_stack() is not None
-                or torch.autograd._profiler_enabled())
+                or torch.autograd._profiler_enabled() or torch._C._get_tracing_state() is not None)
 
 
 def function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
