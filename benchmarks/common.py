@@ -182,6 +182,16 @@ class Bench:
         return self.rows
 
 
+def print_autotune_choices(device: str) -> None:
+    """The GEMM kernel's autotuned configs chosen during this run (CUDA only), for the log."""
+    if device != "cuda":
+        return
+    from fused_residual.ops.gemm_add_relu import autotune_choices
+
+    lines = autotune_choices()
+    print(f"autotuned GEMM configs ({len(lines)} keys):" + "".join(f"\n  {line}" for line in lines), flush=True)
+
+
 def plot(rows: list[Row], path: str, title: str) -> None:
     """Speed-up over eager per case (bars per provider) as a PNG; skipped with a note without matplotlib."""
     try:

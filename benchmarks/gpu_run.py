@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     from fused_residual import verify
     from fused_residual._benchmarks import (bench_add_relu, bench_conv1x1, bench_linear, bench_overhead, bench_resnet,
-                                            profile_ops)
+                                            profile_ops, sweep_gemm)
 
     work = os.path.join("/tmp", f"fused_residual_bench_{os.getpid()}")
     os.makedirs(args.out, exist_ok=True)
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         ("add_relu", 90, lambda o: bench_add_relu.run(dev, quick, o)),
         ("linear", 100, lambda o: bench_linear.run(dev, quick, o, max_autotune="off")),
         ("conv1x1", 70, lambda o: bench_conv1x1.run(dev, quick, o)),
+        ("sweep gemm", 90, lambda o: sweep_gemm.run(dev, quick, o)),
         ("resnet", 120, lambda o: bench_resnet.run(dev, quick, o, compile=False)),
         ("linear max-autotune", 150, lambda o: bench_linear.run(dev, quick, o, max_autotune="only")),
         ("resnet compile", 240, lambda o: bench_resnet.run(dev, quick, o, variants=("torch.compile", "compile + fused"),

@@ -36,6 +36,12 @@ def _config(bm, bn, bk, stages, warps, group=8):
 # narrower ones for the memory-bound shortcut shapes (small K, N = 64..512) and small problems. 128x256
 # tiles, the matmul tutorial's favourite, spill registers here: the epilogue holds a residual tile beside
 # the accumulator (tests/test_codegen.py checks every config for spills).
+# The two-stage configs are for K of one or two BLOCK_K steps (the ResNet shortcuts: K = 64..256), where
+# deeper pipelines only cost shared memory: compiled for sm_90a, 64x128 and 128x64 tiles with 4 warps take
+# 158 registers and 48 KiB in two stages (3 programs per SM) against 96 KiB in four (2 per SM); 64x64 tiles
+# take 96 registers and 32 KiB (5 per SM), so more loads can be in flight on those memory-bound shapes;
+# the autotuner takes them only where they measure faster. (Every 8-warp 128x128 config is held to one
+# program per SM by its 160+ registers per thread.)
 CONFIGS = [
     _config(128, 128, 64, 4, 8),
     _config(128, 128, 64, 3, 8),
@@ -44,7 +50,14 @@ CONFIGS = [
     _config(64, 128, 64, 4, 4),
     _config(64, 256, 32, 4, 8),
     _config(64, 64, 32, 5, 4),
+    _config(128, 64, 64, 2, 4),
+    _config(64, 128, 64, 2, 4),
+    _config(64, 64, 64, 2, 4),
 ]
+# fp32 operands on the tensor cores (TF32) take twice the shared memory per tile of 16-bit ones: the same
+# tiles with half as deep K steps (128x128x64 in four stages would need 256 KiB, more than any GPU has).
+TF32_CONFIGS = [_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"] // 2, c.num_stages,
+                        c.num_warps, c.kwargs["GROUP_M"]) for c in CONFIGS]
 # fp32 with TF32 off multiplies on the FMA units; their operand tiles live in registers, so K tiles of 64
 # spill on sm_80. Shallower K tiles for that path.
 IEEE_FP32_CONFIGS = [
@@ -162,8 +175,16 @@ def _autotuned(configs):
                            prune_configs_by={"early_config_prune": prune_configs})(gemm_add_relu_kernel)
 
 
-gemm_add_relu_autotuned = _autotuned(CONFIGS)
-gemm_add_relu_autotuned_ieee_fp32 = _autotuned(IEEE_FP32_CONFIGS)
+# The config list for each kind of product, and its autotuned kernel.
+CONFIG_SETS = {"16-bit": CONFIGS, "tf32": TF32_CONFIGS, "ieee fp32": IEEE_FP32_CONFIGS}
+AUTOTUNED = {name: _autotuned(configs) for name, configs in CONFIG_SETS.items()}
+
+
+def config_set(element_size: int, dot_precision: str) -> str:
+    """The name of the config list for operands of ``element_size`` bytes multiplied at ``dot_precision``."""
+    if element_size <= 2:
+        return "16-bit"
+    return "ieee fp32" if dot_precision == "ieee" else "tf32"
 
 
 # ---- backward -------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def compile_variant(fn, args: dict, constexprs: dict, arch: int, num_warps: int,
         "spill_stores": num(r"(\d+) bytes spill stores"),
         "spill_loads": num(r"(\d+) bytes spill loads"),
         "stack_frame": num(r"(\d+) bytes stack frame"),
+        "shared_bytes": kernel.metadata.shared,
     }
 
 
@@ -97,10 +98,9 @@ def gemm_variants():
     unit = {"a1_sk": 1, "w1_sk": 1, "a2_sk": 1, "w2_sk": 1, "r_sc": 1, "o_sc": 1, "OH": 1, "OW": 1,
             "a1_sh": 0, "a1_sw": 0, "a2_sh": 0, "a2_sw": 0, "r_sh": 0, "r_sw": 0, "o_sh": 0, "o_sw": 0}
     for arch in ARCHS:
-        for dname, ptr, precision, configs in [("fp32", "*fp32", "tf32", K.CONFIGS),
-                                               ("fp32-ieee", "*fp32", "ieee", K.IEEE_FP32_CONFIGS),
-                                               ("fp16", "*fp16", "ieee", K.CONFIGS),
-                                               ("bf16", "*bf16", "ieee", K.CONFIGS)]:
+        for dname, ptr, precision in [("fp32", "*fp32", "tf32"), ("fp32-ieee", "*fp32", "ieee"),
+                                      ("fp16", "*fp16", "ieee"), ("bf16", "*bf16", "ieee")]:
+            configs = K.CONFIG_SETS[K.config_set(4 if ptr == "*fp32" else 2, precision)]
             for i, cfg in enumerate(configs):
                 consts = dict(unit, HAS_A2=True, HAS_BIAS=True, HAS_RESIDUAL=True,
                               PREFETCH_EPILOGUE=not dname.startswith("fp32"),

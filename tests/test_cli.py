@@ -90,3 +90,19 @@ def test_resnet_quick(tmp_path):
         rows = list(csv.DictReader(f))
     modes = {(r["provider"], r["mode"]) for r in rows}
     assert {("eager", "train"), ("fused", "train"), ("eager", "infer"), ("fused", "infer")} <= modes
+
+
+def test_gemm_sweep_times_every_config_under_the_interpreter(tmp_path):
+    """benchmarks/sweep_gemm.py, run in-process under the Triton interpreter (conftest sets it): a row per
+    config plus the references, with the roofline fraction filled in."""
+    from fused_residual import _triton
+    from fused_residual._benchmarks import sweep_gemm
+
+    if not _triton.interpreting():
+        pytest.skip("needs the Triton interpreter (CUDA machines run the sweep in benchmarks/gpu_run.py)")
+    rows = sweep_gemm.run("cpu", quick=True, out_dir=str(tmp_path))
+    providers = [r.provider for r in rows]
+    expected = [sweep_gemm.label(c) for c in sweep_gemm.configs("cpu")]
+    assert {"copy kernel", "torch.mm", "eager", "autotuned", *expected} == set(providers)
+    assert all(r.frac_of_copy and r.frac_of_copy > 0 for r in rows if r.provider not in ("copy kernel",))
+    assert (tmp_path / "sweep_gemm.csv").exists()

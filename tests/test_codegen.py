@@ -68,3 +68,15 @@ def test_ieee_fp32_gemm_stays_off_tensor_cores(report):
 def test_gemm_loads_are_vectorised(report):
     for name, v in _select(report, "gemm_add_relu/bf16/").items():
         assert "ld.global.v4.b32" in v["global_loads"], (name, v["global_loads"])
+
+
+# Shared memory one thread block may use: 227 KiB on sm_90 (H100/H200), 163 KiB on sm_80 (A100).
+MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024}
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_gemm_configs_fit_in_shared_memory(report, arch):
+    """A config over the limit would fail to launch on that GPU (the autotuner would silently skip it)."""
+    for name, v in _select(report, "gemm_add_relu/").items():
+        if f"/sm{arch}/" in name:
+            assert 0 < v["shared_bytes"] <= MAX_SHARED[arch], (name, v["shared_bytes"])

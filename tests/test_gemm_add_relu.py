@@ -303,3 +303,56 @@ def test_gemm_path_follows_arithmetic_intensity(monkeypatch):
     with pytest.raises(ValueError, match="'fast'"):
         with gemm_ops.use_gemm_path("fast"):
             pass
+
+
+# ---- the Triton kernel's configs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "triton"])
+@pytest.mark.parametrize("tile", [(64, 64, 32), (32, 64, 16), (64, 32, 64)], ids=str)
+def test_forced_config_covers_every_tile(device, backend, tile):
+    """The kernel launched with a given config (as benchmarks/sweep_gemm.py does) over M, N, K that no
+    tile divides, both products and a poisoned output: within the accuracy rule."""
+    import triton
+
+    bm, bn, bk = tile
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 2}, num_warps=4,
+                           num_stages=2)
+    m, n, k1, k2 = 3 * bm + 5, 2 * bn + 3, bk + 7, 2 * bk + 1
+    x, s, b = torch.randn(m, k1, device=device), torch.randn(m, k2, device=device), torch.randn(n, device=device)
+    w, ws = torch.randn(n, k1, device=device) / 6, torch.randn(n, k2, device=device) / 6
+    with poisoned():
+        out = gemm_ops._alloc.empty((m, n), x)
+    gemm_ops._triton_gemm([gemm_ops.Operand(x, w), gemm_ops.Operand(s, ws)], b, None, out, config=config)
+    args = (x, w, s, ws, b)
+    assert_close_to_ref(out, reference.dual_linear_add_relu(*args),
+                        reference.dual_linear_add_relu(*(a.double() for a in args)), f"tile {tile}")
+
+
+def test_autotune_choices_lists_each_tuned_key(monkeypatch):
+    import triton
+
+    from fused_residual import _triton
+
+    K = _triton.kernels("gemm_add_relu")
+    cfg = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    monkeypatch.setattr(K.AUTOTUNED["16-bit"], "cache", {(802816, 256, 64, 0, "torch.bfloat16"): cfg})
+    monkeypatch.setattr(K.AUTOTUNED["tf32"], "cache", {})
+    monkeypatch.setattr(K.AUTOTUNED["ieee fp32"], "cache", {})
+    lines = gemm_ops.autotune_choices()
+    assert len(lines) == 1
+    assert lines[0].startswith("16-bit configs: key (802816, 256, 64, 0")
+    assert "BLOCK_N: 128" in lines[0] and "num_stages: 2" in lines[0]
+
+
+def test_config_sets_follow_operand_size_and_precision():
+    from fused_residual import _triton
+
+    K = _triton.kernels("gemm_add_relu")
+    assert K.config_set(2, "ieee") == "16-bit"
+    assert K.config_set(4, "tf32") == "tf32"
+    assert K.config_set(4, "ieee") == "ieee fp32"
+    # TF32 tiles: the 16-bit tiles with half as deep K steps (fp32 operands take twice the shared memory)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_K"]) for c in K.TF32_CONFIGS] == \
+        [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in K.CONFIGS]

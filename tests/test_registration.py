@@ -161,6 +161,7 @@ def test_fast_path_is_bit_identical_to_the_registered_ops(monkeypatch, backend):
             assert_bitwise_equal(a, b, f"{name}: {'output' if i == 0 else f'grad of input {i - 1}'}")
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:FutureWarning")  # still traced by users
 def test_fast_path_takes_plain_eager_calls_only():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.overrides import TorchFunctionMode

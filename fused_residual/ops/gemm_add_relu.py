@@ -106,7 +106,9 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 # Triton launchers
 
 
-def _triton_gemm(operands: list[Operand], bias, residual, out) -> None:
+def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> None:
+    """out = relu(products + bias + residual) by the Triton kernel: autotuned, or with ``config`` (a
+    ``triton.Config``) when given (benchmarks/sweep_gemm.py times each config that way)."""
     M, N, OH, OW = grid_of(out)
     if M == 0 or N == 0:
         return
@@ -127,23 +129,33 @@ def _triton_gemm(operands: list[Operand], bias, residual, out) -> None:
                  PREFETCH_EPILOGUE=out.element_size() <= 2,
                  DOT_PRECISION=dot_precision(out.dtype, out.device),
                  RELU_HW_MAX=relu_uses_hw_max(out.device), INTERPRET=interpret)
-    ieee_fp32 = out.dtype == torch.float32 and flags["DOT_PRECISION"] == "ieee"
+    configs = K.config_set(out.element_size(), flags["DOT_PRECISION"])
 
     def grid(meta):
         return (_triton.cdiv(M, meta["BLOCK_M"]) * _triton.cdiv(N, meta["BLOCK_N"]),)
 
     with _device_guard(out):
-        if interpret:  # one small config: autotuning would run every config on the CPU
+        if config is None and interpret:  # one small config: autotuning would run every config on the CPU
             K.gemm_add_relu_kernel[grid](*args, **flags, **K.INTERPRETER_CONFIG)
-        elif os.environ.get("FUSED_RESIDUAL_GEMM_AUTOTUNE", "1") == "0":
-            # The first config of the list, untuned: the CUDA test run sets this, as autotuning each of its
-            # many tiny shapes would cost more than the tests themselves.
-            cfg = (K.IEEE_FP32_CONFIGS if ieee_fp32 else K.CONFIGS)[0]
+        elif config is not None or os.environ.get("FUSED_RESIDUAL_GEMM_AUTOTUNE", "1") == "0":
+            # Without a config: the first of the list, untuned. The CUDA test run sets this, as autotuning
+            # each of its many tiny shapes would cost more than the tests themselves.
+            cfg = config or K.CONFIG_SETS[configs][0]
             K.gemm_add_relu_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages)
         else:
-            kernel = K.gemm_add_relu_autotuned_ieee_fp32 if ieee_fp32 else K.gemm_add_relu_autotuned
-            kernel[grid](*args, **flags)
+            K.AUTOTUNED[configs][grid](*args, **flags)
+
+
+def autotune_choices() -> list[str]:
+    """One line per problem key the GEMM autotuner has tuned in this process: the key (M, N, K1, K2 and
+    the argument dtypes) and the config it chose. Benchmarks print these, so that a run records which
+    tiles won."""
+    if not _triton.status()[0] or _triton.interpreting():
+        return []
+    K = _triton.kernels("gemm_add_relu")
+    return [f"{name} configs: key {key} -> {cfg}" for name, tuner in K.AUTOTUNED.items()
+            for key, cfg in tuner.cache.items()]
 
 
 def _triton_relu_grad_colsum(grad, out, gm, partial) -> None:
