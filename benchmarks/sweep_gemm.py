@@ -5,7 +5,7 @@
 The autotuner keeps only its winner; this sweep records how far each tile shape, pipeline depth and warp
 count is from the memory roofline (fraction of the copy kernel's bandwidth for the fused op's bytes) and
 from cuBLAS (``torch.mm``), so that config lists are chosen from measurements. Rows: one per config
-(provider ``BMxBNxBK sS wW``), plus ``torch.mm``, ``eager`` and the autotuned kernel (``autotuned``), whose
+(provider ``BMxBNxBK sS wW`` and ``pP`` for P persistent programs per SM), plus ``torch.mm``, ``eager`` and the autotuned kernel (``autotuned``), whose
 choice is printed at the end. On CPU it runs under the Triton interpreter on tiny shapes (a smoke test).
 """
 
@@ -22,8 +22,10 @@ except ImportError:  # run as a script
 from fused_residual import _triton
 from fused_residual.ops import gemm_add_relu as gemm_ops
 
-# Tiles timed besides the shipped list: deeper or shallower variants of it, and wider N tiles.
-EXTRA = [(64, 256, 64, 2, 8), (128, 128, 64, 2, 8), (128, 128, 32, 4, 8), (64, 64, 64, 3, 4), (128, 64, 32, 3, 4)]
+# Configs timed besides the shipped list (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent programs per
+# SM): deeper or shallower variants of it, wider N tiles, and persistent variants.
+EXTRA = [(64, 256, 64, 2, 8, 0), (128, 128, 64, 2, 8, 0), (128, 128, 32, 4, 8, 0), (64, 64, 64, 3, 4, 0),
+         (128, 64, 32, 3, 4, 0), (128, 128, 64, 4, 8, 1), (64, 128, 64, 3, 4, 2), (64, 64, 64, 2, 4, 4)]
 
 
 def shapes(device: str, quick: bool):
@@ -42,20 +44,17 @@ def shapes(device: str, quick: bool):
 
 
 def configs(device: str):
-    import triton
-
     K = _triton.kernels("gemm_add_relu")
     if device != "cuda":
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
-                              num_stages=2)]
-    extra = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-             for bm, bn, bk, s, w in EXTRA]
+        return [K.make_config(32, 32, 16, 2, 4, group=2), K.make_config(32, 32, 16, 2, 4, group=2, persistent=1)]
+    extra = [K.make_config(bm, bn, bk, s, w, persistent=p) for bm, bn, bk, s, w, p in EXTRA]
     return list(K.CONFIG_SETS["16-bit"]) + extra
 
 
 def label(cfg) -> str:
     k = cfg.kwargs
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{cfg.num_stages} w{cfg.num_warps}"
+    persistent = f" p{k['PERSISTENT']}" if k["PERSISTENT"] else ""
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{cfg.num_stages} w{cfg.num_warps}{persistent}"
 
 
 def run(device: str = "cuda", quick: bool = False, out_dir: str | None = None):

@@ -27,8 +27,10 @@ import triton.language as tl
 from .common import relu_f32, relu_keeps, to_storage
 
 
-def _config(bm, bn, bk, stages, warps, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+def make_config(bm, bn, bk, stages, warps, group=8, persistent=0):
+    """A config: BLOCK_M x BLOCK_N tiles, BLOCK_K deep steps, ``stages`` pipeline stages, ``warps`` warps,
+    GROUP_M row tiles per group, and ``persistent`` programs per SM (0: one program per tile)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent},
                          num_stages=stages, num_warps=warps)
 
 
@@ -43,43 +45,65 @@ def _config(bm, bn, bk, stages, warps, group=8):
 # the autotuner takes them only where they measure faster. (Every 8-warp 128x128 config is held to one
 # program per SM by its 160+ registers per thread.)
 CONFIGS = [
-    _config(128, 128, 64, 4, 8),
-    _config(128, 128, 64, 3, 8),
-    _config(64, 128, 32, 4, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(64, 256, 32, 4, 8),
-    _config(64, 64, 32, 5, 4),
-    _config(128, 64, 64, 2, 4),
-    _config(64, 128, 64, 2, 4),
-    _config(64, 64, 64, 2, 4),
+    make_config(128, 128, 64, 4, 8),
+    make_config(128, 128, 64, 3, 8),
+    make_config(64, 128, 32, 4, 4),
+    make_config(128, 64, 64, 4, 4),
+    make_config(64, 128, 64, 4, 4),
+    make_config(64, 256, 32, 4, 8),
+    make_config(64, 64, 32, 5, 4),
+    make_config(128, 64, 64, 2, 4),
+    make_config(64, 128, 64, 2, 4),
+    make_config(64, 64, 64, 2, 4),
+    # Persistent: as many programs as fit on an SM beside each other (sm_90a, triton 3.6: 228, 192 and 128
+    # registers per thread), each stepping through tiles with the next tile's loads overlapping this
+    # tile's epilogue.
+    make_config(128, 128, 64, 3, 8, persistent=1),
+    make_config(64, 128, 64, 2, 4, persistent=2),
+    make_config(64, 64, 64, 2, 4, persistent=3),
 ]
 # fp32 operands on the tensor cores (TF32) take twice the shared memory per tile of 16-bit ones: the same
 # tiles with half as deep K steps (128x128x64 in four stages would need 256 KiB, more than any GPU has).
-TF32_CONFIGS = [_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"] // 2, c.num_stages,
-                        c.num_warps, c.kwargs["GROUP_M"]) for c in CONFIGS]
+# (Not the persistent ones: with fp32 operands their flattened pipeline spills registers.)
+TF32_CONFIGS = [make_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"] // 2, c.num_stages,
+                            c.num_warps, c.kwargs["GROUP_M"]) for c in CONFIGS if not c.kwargs["PERSISTENT"]]
 # fp32 with TF32 off multiplies on the FMA units; their operand tiles live in registers, so K tiles of 64
 # spill on sm_80. Shallower K tiles for that path.
 IEEE_FP32_CONFIGS = [
-    _config(128, 128, 16, 3, 8),
-    _config(128, 128, 32, 3, 8),
-    _config(64, 128, 32, 3, 4),
-    _config(128, 64, 32, 3, 4),
-    _config(64, 64, 32, 4, 4),
+    make_config(128, 128, 16, 3, 8),
+    make_config(128, 128, 32, 3, 8),
+    make_config(64, 128, 32, 3, 4),
+    make_config(128, 64, 32, 3, 4),
+    make_config(64, 64, 32, 4, 4),
 ]
 # The one config used under the interpreter (no autotuning there: it would run every config on the CPU).
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "PERSISTENT": 0}
+
+
+def runs_on(config, capability: tuple[int, int]) -> bool:
+    """Whether ``config`` is used on a GPU of this compute capability: the persistent configs on sm_90 and
+    newer only (their flattened pipeline spills registers on sm_80; tests/test_codegen.py)."""
+    return not config.kwargs["PERSISTENT"] or capability >= (9, 0)
+
+
+def _capability(t) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (9, 0)
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem (they only add masked work)."""
+    """Drop configs not used on this GPU (:func:`runs_on`) and tiles much larger than the problem (they
+    only add masked work)."""
     M, N = named_args["M"], named_args["N"]
     K = max(named_args["K1"], named_args["K2"])
-    kept = [c for c in configs
+    capability = _capability(named_args["out_ptr"])
+    usable = [c for c in configs if runs_on(c, capability)]
+    kept = [c for c in usable
             if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(M))
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))
             and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))]
-    return kept or configs[-1:]
+    return kept or [min(usable, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 @triton.jit
@@ -111,8 +135,8 @@ def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a
 
 
 @triton.jit
-def gemm_add_relu_kernel(
-    a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
+def gemm_tile(
+    tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K1, K2, OH, OW,
     a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk,
     a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
@@ -122,14 +146,14 @@ def gemm_add_relu_kernel(
     DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """One BLOCK_M x BLOCK_N output tile, number ``tile`` in grouped order."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
+    first_m = (tile // group) * GROUP_M
     group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m = first_m + (tile % group) % group_m
+    pid_n = (tile % group) // group_m
 
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -168,6 +192,38 @@ def gemm_add_relu_kernel(
     y = to_storage(relu_f32(acc, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
     o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc
     tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def gemm_add_relu_kernel(
+    a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K1, K2, OH, OW,
+    a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk,
+    a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
+    r_sn, r_sh, r_sw, r_sc,
+    o_sn, o_sh, o_sw, o_sc,
+    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """One program per tile, or with ``PERSISTENT`` (programs per SM, > 0) a fixed number of programs
+    that step through the tiles. The persistent loop is flattened with the single product's K loop, so
+    the pipeline loads the next tile's operands while this tile's epilogue runs; the epilogue operands
+    are then loaded after the products (prefetched, they would stay live across the flattened loop: 500+
+    bytes of spills per thread on sm_90a)."""
+    if PERSISTENT > 0:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=not HAS_A2):
+            gemm_tile(tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2, OH, OW,
+                      a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
+                      r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
+                      False, DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        gemm_tile(tl.program_id(0), a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2,
+                  OH, OW, a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
+                  r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
+                  PREFETCH_EPILOGUE, DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def _autotuned(configs):

@@ -102,16 +102,21 @@ def gemm_variants():
                                       ("fp16", "*fp16", "ieee"), ("bf16", "*bf16", "ieee")]:
             configs = K.CONFIG_SETS[K.config_set(4 if ptr == "*fp32" else 2, precision)]
             for i, cfg in enumerate(configs):
-                consts = dict(unit, HAS_A2=True, HAS_BIAS=True, HAS_RESIDUAL=True,
-                              PREFETCH_EPILOGUE=not dname.startswith("fp32"),
-                              DOT_PRECISION=precision, RELU_HW_MAX=True,
-                              INTERPRET=False, **cfg.kwargs)
-                args = {n: ptr if n.endswith("_ptr") else "i32" for n in names if n not in consts}
-                divisible = [n for n in args if n.endswith("_ptr")] + ["M", "N", "K1", "K2", "a1_sn", "w1_sn",
-                                                                         "a2_sn", "w2_sn", "r_sn", "o_sn"]
-                yield (f"gemm_add_relu/{dname}/sm{arch}/config{i}",
-                       lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: compile_variant(
-                           K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))
+                if not K.runs_on(cfg, (arch // 10, arch % 10)):
+                    continue
+                # Both products (every config); a single product too for the persistent configs, whose
+                # loop over tiles is flattened with the K loop only then.
+                for dual in (True, False) if cfg.kwargs["PERSISTENT"] else (True,):
+                    consts = dict(unit, HAS_A2=dual, HAS_BIAS=True, HAS_RESIDUAL=True,
+                                  PREFETCH_EPILOGUE=not dname.startswith("fp32"),
+                                  DOT_PRECISION=precision, RELU_HW_MAX=True,
+                                  INTERPRET=False, **cfg.kwargs)
+                    args = {n: ptr if n.endswith("_ptr") else "i32" for n in names if n not in consts}
+                    divisible = [n for n in args if n.endswith("_ptr")] + ["M", "N", "K1", "K2", "a1_sn", "w1_sn",
+                                                                             "a2_sn", "w2_sn", "r_sn", "o_sn"]
+                    yield (f"gemm_add_relu/{dname}/sm{arch}/config{i}{'' if dual else '/single'}",
+                           lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: compile_variant(
+                               K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))
         args = {n: "*fp32" if n == "partial_ptr" else "*bf16" for n in K.relu_grad_colsum_kernel.arg_names
                 if n.endswith("_ptr")}
         args.update({n: "i32" for n in ("M", "N", "g_sn", "o_sn")})

@@ -310,32 +310,36 @@ def test_gemm_path_follows_arithmetic_intensity(monkeypatch):
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "triton"])
 @pytest.mark.parametrize("tile", [(64, 64, 32), (32, 64, 16), (64, 32, 64)], ids=str)
-def test_forced_config_covers_every_tile(device, backend, tile):
+@pytest.mark.parametrize("persistent", [0, 1, 3], ids=lambda p: f"persistent{p}")
+@pytest.mark.parametrize("dual", [False, True], ids=["single", "dual"])
+def test_forced_config_covers_every_tile(device, backend, tile, persistent, dual):
     """The kernel launched with a given config (as benchmarks/sweep_gemm.py does) over M, N, K that no
-    tile divides, both products and a poisoned output: within the accuracy rule."""
-    import triton
+    tile divides, one or two products, one program per tile or persistent programs stepping through the
+    tiles (2 SMs under the interpreter: several tiles each), poisoned output: within the accuracy rule."""
+    from fused_residual import _triton
 
     bm, bn, bk = tile
-    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 2}, num_warps=4,
-                           num_stages=2)
+    config = _triton.kernels("gemm_add_relu").make_config(bm, bn, bk, 2, 4, group=2, persistent=persistent)
     m, n, k1, k2 = 3 * bm + 5, 2 * bn + 3, bk + 7, 2 * bk + 1
     x, s, b = torch.randn(m, k1, device=device), torch.randn(m, k2, device=device), torch.randn(n, device=device)
     w, ws = torch.randn(n, k1, device=device) / 6, torch.randn(n, k2, device=device) / 6
     with poisoned():
         out = gemm_ops._alloc.empty((m, n), x)
-    gemm_ops._triton_gemm([gemm_ops.Operand(x, w), gemm_ops.Operand(s, ws)], b, None, out, config=config)
-    args = (x, w, s, ws, b)
-    assert_close_to_ref(out, reference.dual_linear_add_relu(*args),
-                        reference.dual_linear_add_relu(*(a.double() for a in args)), f"tile {tile}")
+    if dual:
+        args, ref = (x, w, s, ws, b), reference.dual_linear_add_relu
+        gemm_ops._triton_gemm([gemm_ops.Operand(x, w), gemm_ops.Operand(s, ws)], b, None, out, config=config)
+    else:
+        r = torch.randn(m, n, device=device)
+        args, ref = (x, w, r, b), reference.linear_add_relu
+        gemm_ops._triton_gemm([gemm_ops.Operand(x, w)], b, r, out, config=config)
+    assert_close_to_ref(out, ref(*args), ref(*(a.double() for a in args)), f"tile {tile}")
 
 
 def test_autotune_choices_lists_each_tuned_key(monkeypatch):
-    import triton
-
     from fused_residual import _triton
 
     K = _triton.kernels("gemm_add_relu")
-    cfg = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=2)
+    cfg = K.make_config(64, 128, 64, 2, 4)
     monkeypatch.setattr(_triton, "interpreting", lambda: False)
     monkeypatch.setattr(K.AUTOTUNED["16-bit"], "cache", {(802816, 256, 64, 0, "torch.bfloat16"): cfg})
     monkeypatch.setattr(K.AUTOTUNED["tf32"], "cache", {})
@@ -355,4 +359,22 @@ def test_config_sets_follow_operand_size_and_precision():
     assert K.config_set(4, "ieee") == "ieee fp32"
     # TF32 tiles: the 16-bit tiles with half as deep K steps (fp32 operands take twice the shared memory)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_K"]) for c in K.TF32_CONFIGS] == \
-        [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in K.CONFIGS]
+        [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in K.CONFIGS
+         if not c.kwargs["PERSISTENT"]]
+
+
+def test_persistent_configs_are_pruned_before_sm90(monkeypatch):
+    from fused_residual import _triton
+
+    K = _triton.kernels("gemm_add_relu")
+    persistent = [c for c in K.CONFIGS if c.kwargs["PERSISTENT"]]
+    assert persistent and all(K.runs_on(c, (9, 0)) and not K.runs_on(c, (8, 0)) for c in persistent)
+    args = {"M": 100000, "N": 256, "K1": 64, "K2": 0, "out_ptr": torch.empty(1, device="meta")}
+    for cap, expect in (((8, 0), False), ((9, 0), True)):
+        monkeypatch.setattr(K, "_capability", lambda t, cap=cap: cap)
+        kept = K.prune_configs(K.CONFIGS, args)
+        assert kept and any(c.kwargs["PERSISTENT"] for c in kept) == expect, cap
+    args.update(M=8, N=8, K1=8)  # smaller than every tile: the smallest usable config
+    monkeypatch.setattr(K, "_capability", lambda t: (8, 0))
+    (only,) = K.prune_configs(K.CONFIGS, args)
+    assert not only.kwargs["PERSISTENT"] and only.kwargs["BLOCK_M"] * only.kwargs["BLOCK_N"] == 64 * 64

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -106,6 +107,15 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 # Triton launchers
 
 
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (the persistent kernel's program count is a multiple). Under the interpreter:
+    2, so that each persistent program steps through several tiles in the tests."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> None:
     """out = relu(products + bias + residual) by the Triton kernel: autotuned, or with ``config`` (a
     ``triton.Config``) when given (benchmarks/sweep_gemm.py times each config that way)."""
@@ -132,7 +142,10 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
     configs = K.config_set(out.element_size(), flags["DOT_PRECISION"])
 
     def grid(meta):
-        return (_triton.cdiv(M, meta["BLOCK_M"]) * _triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = _triton.cdiv(M, meta["BLOCK_M"]) * _triton.cdiv(N, meta["BLOCK_N"])
+        if meta["PERSISTENT"]:
+            return (max(1, min(tiles, multiprocessors(out.device) * meta["PERSISTENT"])),)
+        return (tiles,)
 
     with _device_guard(out):
         if config is None and interpret:  # one small config: autotuning would run every config on the CPU
