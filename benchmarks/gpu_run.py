@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, required=True, help="epoch seconds by which to finish")
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="quick sizes (a dry run of the driver)")
+    p.add_argument("--phases", default="", help="comma-separated phase names to run (default: all, in order)")
     args = p.parse_args(argv)
 
     import torch
@@ -52,6 +53,12 @@ def main(argv=None) -> int:
         ("resnet compile", 240, lambda o: bench_resnet.run(dev, quick, o, variants=("torch.compile", "compile + fused"),
                                                           check=False)),
     ]
+    if args.phases:
+        wanted = [w.strip() for w in args.phases.split(",") if w.strip()]
+        unknown = set(wanted) - {name for name, _, _ in phases}
+        if unknown:
+            p.error(f"unknown phases {sorted(unknown)}; known: {[name for name, _, _ in phases]}")
+        phases = [ph for ph in phases if ph[0] in wanted]
     merged = os.path.join(args.out, "bench.csv")
     for name, need, job in phases:
         left = args.deadline - time.time()

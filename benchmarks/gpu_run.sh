@@ -4,6 +4,9 @@
 #
 #   OUT=results-dir benchmarks/gpu_run.sh [BUDGET_SECONDS]      (default budget: 470 s)
 #
+# Environment: SKIP_CPP_BUILD=1 skips the C++ build check; PHASES="linear,sweep gemm" runs only those
+# benchmark phases (names in benchmarks/gpu_run.py; default all); TESTS="-k gemm" narrows the CUDA tests.
+#
 # Files in $OUT: run.log (everything printed), pytest.log, bench.csv (every benchmark row), plots.tar.gz,
 # cpp_build.log (the C++ CPU kernels built against this machine's torch, in a copy, in the background).
 # Phases run in priority order and are skipped when the budget would not cover them.
@@ -46,11 +49,11 @@ echo "== pytest -m cuda (limit ${TEST_BUDGET}s)"
 # pytest-xdist, where installed, spreads the Triton compilations over the CPU cores.
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 FUSED_RESIDUAL_GEMM_AUTOTUNE=0 timeout "$TEST_BUDGET" python3 -m pytest -m cuda -q -p no:cacheprovider -rfEs $XDIST \
-  > "$OUT/pytest.log" 2>&1
+  ${TESTS:-} > "$OUT/pytest.log" 2>&1
 echo "pytest exit status $?"
 tail -n 30 "$OUT/pytest.log"
 
-python3 benchmarks/gpu_run.py --out "$OUT" --deadline "$DEADLINE"
+python3 benchmarks/gpu_run.py --out "$OUT" --deadline "$DEADLINE" --phases "${PHASES:-}"
 
 if [ -n "${CPP_PID:-}" ] && kill -0 "$CPP_PID" 2>/dev/null; then echo "C++ build still running; not waiting"; fi
 tail -n 3 "$OUT/cpp_build.log" 2>/dev/null

@@ -59,7 +59,7 @@ def label(cfg) -> str:
 
 def run(device: str = "cuda", quick: bool = False, out_dir: str | None = None):
     if device == "cpu" and not _triton.interpreting():
-        raise SystemExit("sweep_gemm on CPU needs TRITON_INTERPRET=1 (set before triton is imported)")
+        raise RuntimeError("sweep_gemm on CPU needs TRITON_INTERPRET=1 (set before triton is imported)")
     dtype, dname = (torch.bfloat16, "bf16") if device == "cuda" else (torch.float32, "fp32")
     cfgs = configs(device)
     cases = shapes(device, quick)

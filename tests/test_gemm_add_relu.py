@@ -378,3 +378,51 @@ def test_persistent_configs_are_pruned_before_sm90(monkeypatch):
     monkeypatch.setattr(K, "_capability", lambda t: (8, 0))
     (only,) = K.prune_configs(K.CONFIGS, args)
     assert not only.kwargs["PERSISTENT"] and only.kwargs["BLOCK_M"] * only.kwargs["BLOCK_N"] == 64 * 64
+
+
+def _all_configs():
+    from fused_residual import _triton
+
+    if not _triton.status()[0]:
+        return []
+    K = _triton.kernels("gemm_add_relu")
+    return [pytest.param(name, i, id=f"{name}-{i}") for name, configs in K.CONFIG_SETS.items()
+            for i in range(len(configs))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dual", [False, True], ids=["single", "dual"])
+@pytest.mark.parametrize("config_set,index", _all_configs())
+def test_every_shipped_config_is_accurate_on_cuda(config_set, index, dual):
+    """The CUDA test run pins the first config (FUSED_RESIDUAL_GEMM_AUTOTUNE=0); the autotuner may pick any
+    other, so each one runs here on a shape that no tile divides, within the accuracy rule."""
+    from fused_residual import _triton
+
+    K = _triton.kernels("gemm_add_relu")
+    config = K.CONFIG_SETS[config_set][index]
+    if not K.runs_on(config, torch.cuda.get_device_capability()):
+        pytest.skip(f"{config} is not used on this GPU")
+    dtype = torch.bfloat16 if config_set == "16-bit" else torch.float32
+    precision = {"16-bit": "ieee", "tf32": "tf32", "ieee fp32": "ieee"}[config_set]
+    m, n, k1, k2 = 1000, 300, 200, 72
+    dev = "cuda"
+    x, s = torch.randn(m, k1, device=dev, dtype=dtype), torch.randn(m, k2, device=dev, dtype=dtype)
+    w = (torch.randn(n, k1, device=dev) / 14).to(dtype)
+    ws = (torch.randn(n, k2, device=dev) / 9).to(dtype)
+    r, b = torch.randn(m, n, device=dev, dtype=dtype), torch.randn(n, device=dev, dtype=dtype)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        assert gemm_ops.dot_precision(dtype, torch.device(dev)) == precision
+        with poisoned():
+            out = gemm_ops._alloc.empty((m, n), x)
+        if dual:
+            args, ref = (x, w, s, ws, b), reference.dual_linear_add_relu
+            gemm_ops._triton_gemm([gemm_ops.Operand(x, w), gemm_ops.Operand(s, ws)], b, None, out, config=config)
+        else:
+            args, ref = (x, w, r, b), reference.linear_add_relu
+            gemm_ops._triton_gemm([gemm_ops.Operand(x, w)], b, r, out, config=config)
+        torch.cuda.synchronize()
+        assert_close_to_ref(out, ref(*args), ref(*(a.double() for a in args)), f"{config_set} {config}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
