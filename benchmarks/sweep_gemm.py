@@ -5,7 +5,8 @@
 The autotuner keeps only its winner; this sweep records how far each tile shape, pipeline depth and warp
 count is from the memory roofline (fraction of the copy kernel's bandwidth for the fused op's bytes) and
 from cuBLAS (``torch.mm``), so that config lists are chosen from measurements. Rows: one per config
-(provider ``BMxBNxBK sS wW`` and ``pP`` for P persistent programs per SM), plus ``torch.mm``, ``eager`` and the autotuned kernel (``autotuned``), whose
+(provider ``BMxBNxBK sS wW``, ``pP`` for P persistent programs per SM, ``split`` for a split
+epilogue), plus ``torch.mm``, ``eager`` and the autotuned kernel (``autotuned``), whose
 choice is printed at the end. On CPU it runs under the Triton interpreter on tiny shapes (a smoke test).
 """
 
@@ -23,9 +24,10 @@ from fused_residual import _triton
 from fused_residual.ops import gemm_add_relu as gemm_ops
 
 # Configs timed besides the shipped list (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent programs per
-# SM): deeper or shallower variants of it, wider N tiles, and persistent variants.
-EXTRA = [(64, 256, 64, 2, 8, 0), (128, 128, 64, 2, 8, 0), (128, 128, 32, 4, 8, 0), (64, 64, 64, 3, 4, 0),
-         (128, 64, 32, 3, 4, 0), (128, 128, 64, 4, 8, 1), (64, 128, 64, 3, 4, 2), (64, 64, 64, 2, 4, 4)]
+# SM, split epilogue): deeper or shallower variants of it, wider N tiles, and persistent variants.
+EXTRA = [(64, 256, 64, 2, 8, 0, False), (128, 128, 64, 2, 8, 0, True), (128, 256, 64, 4, 8, 0, True),
+         (128, 128, 32, 4, 8, 0, False), (64, 64, 64, 3, 4, 0, False), (128, 64, 32, 3, 4, 0, False),
+         (128, 128, 64, 4, 8, 1, True), (64, 128, 64, 3, 4, 2, False), (64, 64, 64, 2, 4, 4, False)]
 
 
 def shapes(device: str, quick: bool):
@@ -46,15 +48,17 @@ def shapes(device: str, quick: bool):
 def configs(device: str):
     K = _triton.kernels("gemm_add_relu")
     if device != "cuda":
-        return [K.make_config(32, 32, 16, 2, 4, group=2), K.make_config(32, 32, 16, 2, 4, group=2, persistent=1)]
-    extra = [K.make_config(bm, bn, bk, s, w, persistent=p) for bm, bn, bk, s, w, p in EXTRA]
+        return [K.make_config(32, 32, 16, 2, 4, group=2), K.make_config(32, 32, 16, 2, 4, group=2, persistent=1),
+                K.make_config(32, 32, 16, 2, 4, group=2, split=True)]
+    extra = [K.make_config(bm, bn, bk, s, w, persistent=p, split=x) for bm, bn, bk, s, w, p, x in EXTRA]
     return list(K.CONFIG_SETS["16-bit"]) + extra
 
 
 def label(cfg) -> str:
     k = cfg.kwargs
     persistent = f" p{k['PERSISTENT']}" if k["PERSISTENT"] else ""
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{cfg.num_stages} w{cfg.num_warps}{persistent}"
+    split = " split" if k["EPILOGUE_SPLIT"] else ""
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{cfg.num_stages} w{cfg.num_warps}{persistent}{split}"
 
 
 def run(device: str = "cuda", quick: bool = False, out_dir: str | None = None):

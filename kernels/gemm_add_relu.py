@@ -27,23 +27,23 @@ import triton.language as tl
 from .common import relu_f32, relu_keeps, to_storage
 
 
-def make_config(bm, bn, bk, stages, warps, group=8, persistent=0):
+def make_config(bm, bn, bk, stages, warps, group=8, persistent=0, split=False):
     """A config: BLOCK_M x BLOCK_N tiles, BLOCK_K deep steps, ``stages`` pipeline stages, ``warps`` warps,
-    GROUP_M row tiles per group, and ``persistent`` programs per SM (0: one program per tile)."""
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent},
-                         num_stages=stages, num_warps=warps)
+    GROUP_M row tiles per group, ``persistent`` programs per SM (0: one program per tile), and ``split``
+    the epilogue into two halves of the N tile."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent,
+                          "EPILOGUE_SPLIT": split}, num_stages=stages, num_warps=warps)
 
 
-# Static configs, keyed on (M, N, K1, K2) by the autotuner. 128x128 tiles for compute-bound shapes; the
-# narrower ones for the memory-bound shortcut shapes (small K, N = 64..512) and small problems. 128x256
-# tiles, the matmul tutorial's favourite, spill registers here: the epilogue holds a residual tile beside
-# the accumulator (tests/test_codegen.py checks every config for spills).
+# Static configs, keyed on (M, N, K1, K2) by the autotuner. 128x128 and 128x256 tiles for compute-bound
+# shapes; the narrower ones for the memory-bound shortcut shapes (small K, N = 64..512) and small problems.
+# 128x256 tiles spill registers unless the epilogue is split: a whole residual tile beside the accumulator
+# is too much (tests/test_codegen.py checks every config for spills). Register and shared-memory figures
+# below are ptxas's for sm_90a.
 # The two-stage configs are for K of one or two BLOCK_K steps (the ResNet shortcuts: K = 64..256), where
-# deeper pipelines only cost shared memory: compiled for sm_90a, 64x128 and 128x64 tiles with 4 warps take
-# 158 registers and 48 KiB in two stages (3 programs per SM) against 96 KiB in four (2 per SM); 64x64 tiles
-# take 96 registers and 32 KiB (5 per SM), so more loads can be in flight on those memory-bound shapes;
-# the autotuner takes them only where they measure faster. (Every 8-warp 128x128 config is held to one
-# program per SM by its 160+ registers per thread.)
+# deeper pipelines only cost shared memory: 64x128 and 128x64 tiles with 4 warps take 48 KiB in two
+# stages against 96 KiB in four, and 64x64 tiles 32 KiB, so more programs fit on an SM and more loads can
+# be in flight on those memory-bound shapes; the autotuner takes them only where they measure faster.
 CONFIGS = [
     make_config(128, 128, 64, 4, 8),
     make_config(128, 128, 64, 3, 8),
@@ -55,18 +55,26 @@ CONFIGS = [
     make_config(128, 64, 64, 2, 4),
     make_config(64, 128, 64, 2, 4),
     make_config(64, 64, 64, 2, 4),
-    # Persistent: as many programs as fit on an SM beside each other (sm_90a, triton 3.6: 228, 192 and 128
+    # Split epilogue (the tile's two N halves finished one after the other, so only half a residual tile
+    # is live beside the accumulator): 128x256 tiles without spills, on wgmma's widest shape (m64n256k16),
+    # for compute-bound products; 128x128 tiles in 120 registers instead of 162-179, two programs per SM
+    # instead of one.
+    make_config(128, 256, 64, 3, 8, split=True),
+    make_config(128, 128, 64, 3, 8, split=True),
+    # Persistent: as many programs as fit on an SM beside each other (sm_90a, triton 3.6: 204, 192 and 128
     # registers per thread), each stepping through tiles with the next tile's loads overlapping this
     # tile's epilogue.
-    make_config(128, 128, 64, 3, 8, persistent=1),
+    make_config(128, 128, 64, 3, 8, persistent=1, split=True),
     make_config(64, 128, 64, 2, 4, persistent=2),
     make_config(64, 64, 64, 2, 4, persistent=3),
 ]
 # fp32 operands on the tensor cores (TF32) take twice the shared memory per tile of 16-bit ones: the same
 # tiles with half as deep K steps (128x128x64 in four stages would need 256 KiB, more than any GPU has).
-# (Not the persistent ones: with fp32 operands their flattened pipeline spills registers.)
+# (Not the persistent ones, nor 128x256 tiles: with fp32 operands they spill registers.)
 TF32_CONFIGS = [make_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"] // 2, c.num_stages,
-                            c.num_warps, c.kwargs["GROUP_M"]) for c in CONFIGS if not c.kwargs["PERSISTENT"]]
+                            c.num_warps, c.kwargs["GROUP_M"], split=c.kwargs["EPILOGUE_SPLIT"])
+                for c in CONFIGS
+                if not c.kwargs["PERSISTENT"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
 # fp32 with TF32 off multiplies on the FMA units; their operand tiles live in registers, so K tiles of 64
 # spill on sm_80. Shallower K tiles for that path.
 IEEE_FP32_CONFIGS = [
@@ -77,13 +85,16 @@ IEEE_FP32_CONFIGS = [
     make_config(64, 64, 32, 4, 4),
 ]
 # The one config used under the interpreter (no autotuning there: it would run every config on the CPU).
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "PERSISTENT": 0}
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "PERSISTENT": 0,
+                      "EPILOGUE_SPLIT": False}
 
 
 def runs_on(config, capability: tuple[int, int]) -> bool:
-    """Whether ``config`` is used on a GPU of this compute capability: the persistent configs on sm_90 and
-    newer only (their flattened pipeline spills registers on sm_80; tests/test_codegen.py)."""
-    return not config.kwargs["PERSISTENT"] or capability >= (9, 0)
+    """Whether ``config`` is used on a GPU of this compute capability: the persistent configs and tiles
+    over 128x128 on sm_90 and newer only (on sm_80 the flattened pipeline, and 128x256 tiles with triton
+    3.6, spill registers; tests/test_codegen.py)."""
+    k = config.kwargs
+    return capability >= (9, 0) or not (k["PERSISTENT"] or k["BLOCK_M"] * k["BLOCK_N"] > 128 * 128)
 
 
 def _capability(t) -> tuple[int, int]:
@@ -135,6 +146,22 @@ def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a
 
 
 @triton.jit
+def finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
+           o_sn, o_sh, o_sw, o_sc, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+           RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """The epilogue of rows x cols of the output: + bias + residual (loaded here), ReLU, one masked store."""
+    cols_in = cols % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + row_offsets(rows % M, OH, OW, r_sn, r_sh, r_sw)[:, None]
+                       + cols_in[None, :] * r_sc).to(tl.float32)
+    y = to_storage(relu_f32(acc, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
+    o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc
+    tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
 def gemm_tile(
     tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K1, K2, OH, OW,
@@ -145,6 +172,7 @@ def gemm_tile(
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile, number ``tile`` in grouped order."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -179,19 +207,26 @@ def gemm_tile(
         acc = accumulate(acc, a2_ptr, w2_ptr, rows_in, cols_in, K2, OH, OW, a2_sn, a2_sh, a2_sw, a2_sk,
                          w2_sn, w2_sk, BLOCK_K, DOT_PRECISION, INTERPRET)
 
-    if not PREFETCH_EPILOGUE:
-        if HAS_RESIDUAL:
-            residual = tl.load(res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw)[:, None]
-                               + cols_in[None, :] * r_sc)
+    if PREFETCH_EPILOGUE:
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols_in)
-    if HAS_BIAS:
-        acc += bias.to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        acc += residual.to(tl.float32)
-    y = to_storage(relu_f32(acc, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
-    o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc
-    tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
+            acc += bias.to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            acc += residual.to(tl.float32)
+        finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
+               o_sn, o_sh, o_sw, o_sc, False, False, RELU_HW_MAX, INTERPRET)
+    elif EPILOGUE_SPLIT:
+        # Two BLOCK_N / 2 halves, one after the other: only half a residual tile is live beside the
+        # accumulator, which lets 128 x 256 tiles run without spilling.
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        finish(left, rows, half, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
+               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, RELU_HW_MAX, INTERPRET)
+        finish(right, rows, half + BLOCK_N // 2, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw,
+               r_sc, o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, RELU_HW_MAX, INTERPRET)
+    else:
+        finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
+               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, RELU_HW_MAX, INTERPRET)
 
 
 @triton.jit
@@ -205,7 +240,7 @@ def gemm_add_relu_kernel(
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
 ):
     """One program per tile, or with ``PERSISTENT`` (programs per SM, > 0) a fixed number of programs
     that step through the tiles. The persistent loop is flattened with the single product's K loop, so
@@ -218,12 +253,14 @@ def gemm_add_relu_kernel(
             gemm_tile(tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2, OH, OW,
                       a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
                       r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
-                      False, DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                      False, DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                      EPILOGUE_SPLIT)
     else:
         gemm_tile(tl.program_id(0), a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2,
                   OH, OW, a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
                   r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
-                  PREFETCH_EPILOGUE, DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                  PREFETCH_EPILOGUE and not EPILOGUE_SPLIT, DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M,
+                  BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
 
 
 def _autotuned(configs):

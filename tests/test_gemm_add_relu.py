@@ -312,14 +312,17 @@ def test_gemm_path_follows_arithmetic_intensity(monkeypatch):
 @pytest.mark.parametrize("tile", [(64, 64, 32), (32, 64, 16), (64, 32, 64)], ids=str)
 @pytest.mark.parametrize("persistent", [0, 1, 3], ids=lambda p: f"persistent{p}")
 @pytest.mark.parametrize("dual", [False, True], ids=["single", "dual"])
-def test_forced_config_covers_every_tile(device, backend, tile, persistent, dual):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_forced_config_covers_every_tile(device, backend, tile, persistent, dual, split):
     """The kernel launched with a given config (as benchmarks/sweep_gemm.py does) over M, N, K that no
     tile divides, one or two products, one program per tile or persistent programs stepping through the
-    tiles (2 SMs under the interpreter: several tiles each), poisoned output: within the accuracy rule."""
+    tiles (2 SMs under the interpreter: several tiles each), the epilogue whole or in two halves, poisoned
+    output: within the accuracy rule."""
     from fused_residual import _triton
 
     bm, bn, bk = tile
-    config = _triton.kernels("gemm_add_relu").make_config(bm, bn, bk, 2, 4, group=2, persistent=persistent)
+    config = _triton.kernels("gemm_add_relu").make_config(bm, bn, bk, 2, 4, group=2, persistent=persistent,
+                                                          split=split)
     m, n, k1, k2 = 3 * bm + 5, 2 * bn + 3, bk + 7, 2 * bk + 1
     x, s, b = torch.randn(m, k1, device=device), torch.randn(m, k2, device=device), torch.randn(n, device=device)
     w, ws = torch.randn(n, k1, device=device) / 6, torch.randn(n, k2, device=device) / 6
@@ -360,15 +363,18 @@ def test_config_sets_follow_operand_size_and_precision():
     # TF32 tiles: the 16-bit tiles with half as deep K steps (fp32 operands take twice the shared memory)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_K"]) for c in K.TF32_CONFIGS] == \
         [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in K.CONFIGS
-         if not c.kwargs["PERSISTENT"]]
+         if not c.kwargs["PERSISTENT"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
 
 
-def test_persistent_configs_are_pruned_before_sm90(monkeypatch):
+def test_hopper_only_configs_are_pruned_before_sm90(monkeypatch):
     from fused_residual import _triton
 
     K = _triton.kernels("gemm_add_relu")
     persistent = [c for c in K.CONFIGS if c.kwargs["PERSISTENT"]]
     assert persistent and all(K.runs_on(c, (9, 0)) and not K.runs_on(c, (8, 0)) for c in persistent)
+    wide = [c for c in K.CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128]
+    assert wide and all(K.runs_on(c, (9, 0)) and not K.runs_on(c, (8, 6)) for c in wide)
+    assert sum(K.runs_on(c, (8, 0)) for c in K.CONFIGS) == len(K.CONFIGS) - len(persistent) - len(wide)
     args = {"M": 100000, "N": 256, "K1": 64, "K2": 0, "out_ptr": torch.empty(1, device="meta")}
     for cap, expect in (((8, 0), False), ((9, 0), True)):
         monkeypatch.setattr(K, "_capability", lambda t, cap=cap: cap)
