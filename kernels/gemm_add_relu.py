@@ -8,13 +8,14 @@ Rows ``m`` are output pixels ``(img, oh, ow)`` of an ``OH x OW`` grid, so one ke
   arithmetic folds away);
 * 1x1 convolutions over NCHW or NHWC tensors with any stride: each operand carries its own strides for
   ``(img, oh, ow, k)``, with the convolution stride folded into the ``oh``/``ow`` strides, so a strided
-  channels_last shortcut is read in place;
+  channels_last shortcut is read in place; a tensor whose pixels lie evenly apart (dense NHWC) is
+  addressed like a matrix (``*_LINEAR``), without the pixel divisions;
 * two products into one accumulator (``HAS_A2``): a block's last layer and its projection shortcut, with
   no concatenation materialised.
 
 The accumulator is fp32; bias and residual are added to it and ReLU applied before the single store.
-Programs are ordered in groups of ``GROUP_M`` row tiles for L2 reuse of the weight tiles. Row offsets are
-int64 (M * stride can pass 2**31).
+Programs are ordered in groups of ``GROUP_M`` row tiles for L2 reuse of the weight tiles. Row indices are
+int32 (the launcher bounds M), offsets int64 (M * stride can pass 2**31), so no 64-bit division is needed.
 
 Under the Triton interpreter (``INTERPRET``) the dot operands are upcast to fp32 first: the interpreter keeps
 bf16 as raw uint16, so a bf16 ``tl.dot`` there would multiply bit patterns. Compiled kernels keep fp16/bf16
@@ -82,7 +83,7 @@ IEEE_FP32_CONFIGS = [
     make_config(128, 128, 32, 3, 8),
     make_config(64, 128, 32, 3, 4),
     make_config(128, 64, 32, 3, 4),
-    make_config(64, 64, 32, 4, 4),
+    make_config(64, 64, 16, 4, 4),
 ]
 # The one config used under the interpreter (no autotuning there: it would run every config on the CPU).
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "PERSISTENT": 0,
@@ -118,19 +119,24 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def row_offsets(m, OH, OW, s_img, s_h, s_w):
-    """Offset of output row ``m`` = pixel (img, oh, ow) in a tensor with those strides."""
+def row_offsets(m, OH, OW, s_img, s_h, s_w, LINEAR: tl.constexpr):
+    """Offset of output row ``m`` (an int32 pixel index) = pixel (img, oh, ow) in a tensor with those
+    strides. ``LINEAR``: the tensor's pixels lie evenly ``s_img`` apart (2-D matrices, dense NHWC
+    tensors), so the offset is one multiply, without the divisions. Offsets are int64."""
+    if LINEAR:
+        return m.to(tl.int64) * s_img
     img = m // (OH * OW)
     rest = m % (OH * OW)
-    return img * s_img + (rest // OW) * s_h + (rest % OW) * s_w
+    return img.to(tl.int64) * s_img + (rest // OW).to(tl.int64) * s_h + (rest % OW).to(tl.int64) * s_w
 
 
 @triton.jit
 def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a_sk, w_sn, w_sk,
-               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+               A_LINEAR: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               INTERPRET: tl.constexpr):
     """acc += A[offs_m, :K] @ W[offs_n, :K]^T."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + row_offsets(offs_m, OH, OW, a_sn, a_sh, a_sw)[:, None] + offs_k[None, :] * a_sk
+    a_ptrs = a_ptr + row_offsets(offs_m, OH, OW, a_sn, a_sh, a_sw, A_LINEAR)[:, None] + offs_k[None, :] * a_sk
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * w_sn + offs_k[:, None] * w_sk
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
@@ -148,16 +154,16 @@ def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a
 @triton.jit
 def finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
            o_sn, o_sh, o_sw, o_sc, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-           RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+           R_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr):
     """The epilogue of rows x cols of the output: + bias + residual (loaded here), ReLU, one masked store."""
     cols_in = cols % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + row_offsets(rows % M, OH, OW, r_sn, r_sh, r_sw)[:, None]
+        acc += tl.load(res_ptr + row_offsets(rows % M, OH, OW, r_sn, r_sh, r_sw, R_LINEAR)[:, None]
                        + cols_in[None, :] * r_sc).to(tl.float32)
     y = to_storage(relu_f32(acc, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
-    o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc
+    o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_LINEAR)[:, None] + cols[None, :] * o_sc
     tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
@@ -170,6 +176,7 @@ def gemm_tile(
     r_sn, r_sh, r_sw, r_sc,
     o_sn, o_sh, o_sw, o_sc,
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
+    A1_LINEAR: tl.constexpr, A2_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
@@ -183,7 +190,8 @@ def gemm_tile(
     pid_m = first_m + (tile % group) % group_m
     pid_n = (tile % group) // group_m
 
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Row (pixel) indices are int32 (the launcher keeps M + BLOCK_M below 2**31); offsets are int64.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Wrapped indices keep every operand load in bounds without a mask; the store is masked instead.
     rows_in = rows % M
@@ -195,17 +203,17 @@ def gemm_tile(
     # after the products.
     if PREFETCH_EPILOGUE:
         if HAS_RESIDUAL:
-            residual = tl.load(res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw)[:, None]
+            residual = tl.load(res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw, R_LINEAR)[:, None]
                                + cols_in[None, :] * r_sc)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols_in)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = accumulate(acc, a1_ptr, w1_ptr, rows_in, cols_in, K1, OH, OW, a1_sn, a1_sh, a1_sw, a1_sk,
-                     w1_sn, w1_sk, BLOCK_K, DOT_PRECISION, INTERPRET)
+                     w1_sn, w1_sk, A1_LINEAR, BLOCK_K, DOT_PRECISION, INTERPRET)
     if HAS_A2:
         acc = accumulate(acc, a2_ptr, w2_ptr, rows_in, cols_in, K2, OH, OW, a2_sn, a2_sh, a2_sw, a2_sk,
-                         w2_sn, w2_sk, BLOCK_K, DOT_PRECISION, INTERPRET)
+                         w2_sn, w2_sk, A2_LINEAR, BLOCK_K, DOT_PRECISION, INTERPRET)
 
     if PREFETCH_EPILOGUE:
         if HAS_BIAS:
@@ -213,7 +221,7 @@ def gemm_tile(
         if HAS_RESIDUAL:
             acc += residual.to(tl.float32)
         finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
-               o_sn, o_sh, o_sw, o_sc, False, False, RELU_HW_MAX, INTERPRET)
+               o_sn, o_sh, o_sw, o_sc, False, False, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
     elif EPILOGUE_SPLIT:
         # Two BLOCK_N / 2 halves, one after the other: only half a residual tile is live beside the
         # accumulator, which lets 128 x 256 tiles run without spilling.
@@ -221,12 +229,12 @@ def gemm_tile(
         left, right = tl.split(halves)
         half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
         finish(left, rows, half, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
-               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, RELU_HW_MAX, INTERPRET)
+               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
         finish(right, rows, half + BLOCK_N // 2, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw,
-               r_sc, o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, RELU_HW_MAX, INTERPRET)
+               r_sc, o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
     else:
         finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
-               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, RELU_HW_MAX, INTERPRET)
+               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
 
 
 @triton.jit
@@ -238,6 +246,7 @@ def gemm_add_relu_kernel(
     r_sn, r_sh, r_sw, r_sc,
     o_sn, o_sh, o_sw, o_sc,
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
+    A1_LINEAR: tl.constexpr, A2_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
@@ -253,14 +262,14 @@ def gemm_add_relu_kernel(
             gemm_tile(tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2, OH, OW,
                       a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
                       r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
-                      False, DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                      EPILOGUE_SPLIT)
+                      False, A1_LINEAR, A2_LINEAR, R_LINEAR, O_LINEAR, DOT_PRECISION, RELU_HW_MAX, INTERPRET,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
     else:
         gemm_tile(tl.program_id(0), a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2,
                   OH, OW, a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
                   r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
-                  PREFETCH_EPILOGUE and not EPILOGUE_SPLIT, DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M,
-                  BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
+                  PREFETCH_EPILOGUE and not EPILOGUE_SPLIT, A1_LINEAR, A2_LINEAR, R_LINEAR, O_LINEAR,
+                  DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
 
 
 def _autotuned(configs):
@@ -290,6 +299,7 @@ def relu_grad_colsum_kernel(
     grad_ptr, out_ptr, gm_ptr, partial_ptr, M, N, OH, OW,
     g_sn, g_sh, g_sw, g_sc,
     o_sn, o_sh, o_sw, o_sc,
+    G_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
     HAS_COLSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """gm[m, n] = grad where not (out <= 0) else 0, written as a row-major [M, N] matrix (NHWC for
@@ -297,14 +307,14 @@ def relu_grad_colsum_kernel(
     gradient (stage two sums the partials in a fixed order; no atomics, so the result is deterministic)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 pixel indices, int64 offsets
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inb = (rows[:, None] < M) & (cols[None, :] < N)
-    g = tl.load(grad_ptr + row_offsets(rows, OH, OW, g_sn, g_sh, g_sw)[:, None] + cols[None, :] * g_sc,
+    g = tl.load(grad_ptr + row_offsets(rows, OH, OW, g_sn, g_sh, g_sw, G_LINEAR)[:, None] + cols[None, :] * g_sc,
                 mask=inb, other=0.0)
-    o = tl.load(out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw)[:, None] + cols[None, :] * o_sc,
+    o = tl.load(out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_LINEAR)[:, None] + cols[None, :] * o_sc,
                 mask=inb, other=0.0).to(tl.float32)
     gm = tl.where(relu_keeps(o), g, tl.zeros_like(g))
-    tl.store(gm_ptr + rows[:, None] * N + cols[None, :], gm, mask=inb)
+    tl.store(gm_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], gm, mask=inb)
     if HAS_COLSUM:
-        tl.store(partial_ptr + pid_m * N + cols, tl.sum(gm.to(tl.float32), axis=0), mask=cols < N)
+        tl.store(partial_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(gm.to(tl.float32), axis=0), mask=cols < N)

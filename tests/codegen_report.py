@@ -53,6 +53,8 @@ def compile_variant(fn, args: dict, constexprs: dict, arch: int, num_warps: int,
         "global_loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
         "global_stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
         "mma": sorted(set(re.findall(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx))),
+        "int_div64": len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx)),
+        "int_div32": len(re.findall(r"\b(?:div|rem)\.[su]32\b", ptx)),
         "registers": num(r"Used (\d+) registers"),
         "spill_stores": num(r"(\d+) bytes spill stores"),
         "spill_loads": num(r"(\d+) bytes spill loads"),
@@ -96,7 +98,8 @@ def gemm_variants():
 
     names = K.gemm_add_relu_kernel.arg_names
     unit = {"a1_sk": 1, "w1_sk": 1, "a2_sk": 1, "w2_sk": 1, "r_sc": 1, "o_sc": 1, "OH": 1, "OW": 1,
-            "a1_sh": 0, "a1_sw": 0, "a2_sh": 0, "a2_sw": 0, "r_sh": 0, "r_sw": 0, "o_sh": 0, "o_sw": 0}
+            "a1_sh": 0, "a1_sw": 0, "a2_sh": 0, "a2_sw": 0, "r_sh": 0, "r_sw": 0, "o_sh": 0, "o_sw": 0,
+            "A1_LINEAR": True, "A2_LINEAR": True, "R_LINEAR": True, "O_LINEAR": True}
     for arch in ARCHS:
         for dname, ptr, precision in [("fp32", "*fp32", "tf32"), ("fp32-ieee", "*fp32", "ieee"),
                                       ("fp16", "*fp16", "ieee"), ("bf16", "*bf16", "ieee")]:
@@ -117,15 +120,32 @@ def gemm_variants():
                     yield (f"gemm_add_relu/{dname}/sm{arch}/config{i}{'' if dual else '/single'}",
                            lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: compile_variant(
                                K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))
-        args = {n: "*fp32" if n == "partial_ptr" else "*bf16" for n in K.relu_grad_colsum_kernel.arg_names
-                if n.endswith("_ptr")}
-        args.update({n: "i32" for n in ("M", "N", "g_sn", "o_sn")})
-        yield (f"relu_grad_colsum/bf16/sm{arch}",
-               lambda a=args, arch=arch: compile_variant(
-                   K.relu_grad_colsum_kernel, a,
-                   {"OH": 1, "OW": 1, "g_sh": 0, "g_sw": 0, "g_sc": 1, "o_sh": 0, "o_sw": 0, "o_sc": 1,
-                    "HAS_COLSUM": True, "BLOCK_M": K.GRAD_BLOCK_M, "BLOCK_N": K.GRAD_BLOCK_N},
-                   arch, 4, divisible=list(a) + ["M", "N", "g_sn", "o_sn"]))
+        # 1x1 convolutions over NHWC tensors (OH, OW and the pixel strides known at run time only), with the
+        # 128x128 config: dense tensors (rows addressed linearly, as for a linear layer), and a dual product
+        # whose shortcut is read at stride 2 (that operand's rows need the pixel divisions).
+        cfg = K.CONFIG_SETS["16-bit"][1]
+        for name, dual in (("conv-nhwc", False), ("conv-strided-shortcut", True)):
+            consts = dict(a1_sk=1, w1_sk=1, a2_sk=1, w2_sk=1, r_sc=1, o_sc=1, HAS_A2=dual, HAS_BIAS=True,
+                          HAS_RESIDUAL=True, PREFETCH_EPILOGUE=True, A1_LINEAR=True, A2_LINEAR=not dual,
+                          R_LINEAR=True, O_LINEAR=True, DOT_PRECISION="ieee", RELU_HW_MAX=True, INTERPRET=False,
+                          **cfg.kwargs)
+            args = {n: "*bf16" if n.endswith("_ptr") else "i32" for n in names if n not in consts}
+            divisible = [n for n in args if n.endswith("_ptr") or n.endswith(("_sn", "_sh", "_sw")) or n in "NK1K2"]
+            yield (f"gemm_add_relu/bf16/sm{arch}/{name}",
+                   lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: compile_variant(
+                       K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))
+        for name, linear in (("linear", {"OH": 1, "OW": 1, "g_sh": 0, "g_sw": 0, "o_sh": 0, "o_sw": 0}),
+                             ("nhwc", {})):
+            args = {n: "*fp32" if n == "partial_ptr" else "*bf16" for n in K.relu_grad_colsum_kernel.arg_names
+                    if n.endswith("_ptr")}
+            args.update({n: "i32" for n in ("M", "N", "OH", "OW", "g_sn", "g_sh", "g_sw", "o_sn", "o_sh", "o_sw")
+                         if n not in linear})
+            yield (f"relu_grad_colsum/bf16/sm{arch}/{name}",
+                   lambda a=args, arch=arch, c=linear: compile_variant(
+                       K.relu_grad_colsum_kernel, a,
+                       dict(c, g_sc=1, o_sc=1, G_LINEAR=True, O_LINEAR=True, HAS_COLSUM=True,
+                            BLOCK_M=K.GRAD_BLOCK_M, BLOCK_N=K.GRAD_BLOCK_N),
+                       arch, 4, divisible=[n for n in a if n.endswith("_ptr") or n in ("N", "g_sn", "o_sn")]))
 
 
 def variants():

@@ -80,3 +80,17 @@ def test_gemm_configs_fit_in_shared_memory(report, arch):
     for name, v in _select(report, "gemm_add_relu/").items():
         if f"/sm{arch}/" in name:
             assert 0 < v["shared_bytes"] <= MAX_SHARED[arch], (name, v["shared_bytes"])
+
+
+def test_gemm_row_addressing_needs_no_64_bit_division(report):
+    """Row (pixel) indices are int32 and dense tensors are addressed with one multiply: no 64-bit integer
+    division anywhere (each costs dozens of instructions), and a dense NHWC 1x1 convolution divides no
+    more than a linear layer does. A shortcut read at stride 2 divides in int32 only."""
+    gemm = {k: v for k, v in report.items() if k.startswith(("gemm_add_relu/", "relu_grad_colsum/"))}
+    assert gemm and all(v["int_div64"] == 0 for v in gemm.values()), \
+        {k: v["int_div64"] for k, v in gemm.items() if v["int_div64"]}
+    for arch in (90, 80):
+        linear = report[f"gemm_add_relu/bf16/sm{arch}/config1"]
+        conv = report[f"gemm_add_relu/bf16/sm{arch}/conv-nhwc"]
+        assert conv["int_div32"] <= linear["int_div32"], (conv["int_div32"], linear["int_div32"])
+        assert report[f"gemm_add_relu/bf16/sm{arch}/conv-strided-shortcut"]["int_div32"] > linear["int_div32"]

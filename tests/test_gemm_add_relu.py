@@ -432,3 +432,32 @@ def test_every_shipped_config_is_accurate_on_cuda(config_set, index, dual):
         assert_close_to_ref(out, ref(*args), ref(*(a.double() for a in args)), f"{config_set} {config}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_pixel_stride_recognises_evenly_laid_out_pixels():
+    """Rows addressed with one multiply only where that gives every pixel's true offset."""
+    def strides(t):  # (images, OH, OW, img, h, w strides) of an NCHW-shaped tensor
+        return t.shape[0], t.shape[2], t.shape[3], t.stride(0), t.stride(2), t.stride(3)
+
+    x = torch.empty(4, 8, 5, 6)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert gemm_ops.pixel_stride(*strides(cl)) == 8  # dense NHWC: pixels 8 channels apart
+    assert gemm_ops.pixel_stride(*strides(x)) is None  # NCHW: images are C*H*W apart, pixels 1
+    assert gemm_ops.pixel_stride(*strides(x[:, :1])) is None  # one channel of an NCHW tensor: image gap
+    assert gemm_ops.pixel_stride(*strides(torch.empty(4, 1, 5, 6))) == 1  # NCHW with one channel
+    assert gemm_ops.pixel_stride(*strides(cl[:, :, ::2, ::2])) is None  # a stride-2 view
+    assert gemm_ops.pixel_stride(*strides(cl[:, :4])) == 8  # channel slice of NHWC: still even
+    assert gemm_ops.pixel_stride(*strides(cl[:1])) == 8  # a single image
+    assert gemm_ops.pixel_stride(*strides(cl[:, :, :, :1])) == 48  # one column: pixels one H row apart
+    assert gemm_ops.pixel_stride(*strides(cl[:, :, :, :3])) is None  # part of each H row
+    assert gemm_ops.pixel_stride(1, 1, 1, 0, 0, 0) == 0  # one pixel: any stride works
+    m = torch.empty(10, 7)
+    assert gemm_ops.pixel_stride(10, 1, 1, m.stride(0), 0, 0) == 7  # a [M, N] matrix
+    for t in (cl, x, cl[:, :, ::2, ::2], cl[:, :4], torch.empty(4, 1, 5, 6), cl[:, :, :, :1], cl[:1]):
+        images, oh, ow, si, sh, sw = strides(t)
+        p = gemm_ops.pixel_stride(images, oh, ow, si, sh, sw)
+        if p is not None:  # the claim itself, pixel by pixel
+            for img in range(images):
+                for h in range(oh):
+                    for w in range(ow):
+                        assert img * si + h * sh + w * sw == ((img * oh + h) * ow + w) * p

@@ -86,6 +86,27 @@ def mn_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
 
 
+def pixel_stride(images: int, oh: int, ow: int, s_img: int, s_h: int, s_w: int) -> int | None:
+    """The stride ``p`` with pixel (img, h, w) at ``(img * oh * ow + h * ow + w) * p`` when a tensor's
+    pixels are laid out that evenly (2-D matrices, dense NHWC tensors, NCHW with one channel), else None.
+    The kernel then addresses rows with one multiply instead of divisions (``*_LINEAR`` flags)."""
+    p = s_w if ow > 1 else (s_h if oh > 1 else s_img)
+    if (ow == 1 or s_w == p) and (oh == 1 or s_h == ow * p) and (images <= 1 or s_img == oh * ow * p):
+        return p
+    return None
+
+
+def _rows_linear(strides: tuple[int, int, int, int], images: int, oh: int, ow: int):
+    """(strides to pass, LINEAR flag): a linear tensor's pixel stride goes in the image-stride slot."""
+    s_img, s_h, s_w, s_c = strides
+    p = pixel_stride(images, oh, ow, s_img, s_h, s_w)
+    return ((p, 0, 0, s_c), True) if p is not None else (strides, False)
+
+
+# The Triton kernel indexes rows (pixels) with int32: M + BLOCK_M must stay below 2**31.
+TRITON_MAX_ROWS = 2**31 - 1024
+
+
 def grid_of(out: torch.Tensor) -> tuple[int, int, int, int]:
     """(M, N, OH, OW) of an output [M, N] or [B, N, OH, OW]."""
     if out.dim() == 2:
@@ -126,16 +147,22 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
     a1 = operands[0]
     a2 = operands[1] if len(operands) > 1 else None
     interpret = _triton.interpreting()
+    if M > TRITON_MAX_ROWS:
+        raise ValueError(f"the Triton GEMM kernel takes at most {TRITON_MAX_ROWS} rows (pixels), got {M}")
+    images = M // (OH * OW)
+    a1_st, a1_lin = _rows_linear(a1.a_strides(), images, OH, OW)
+    a2_st, a2_lin = _rows_linear(a2.a_strides(), images, OH, OW) if a2 else ((0, 0, 0, 0), True)
+    r_st, r_lin = _rows_linear(mn_strides(residual), images, OH, OW) if residual is not None \
+        else ((0, 0, 0, 0), True)
+    o_st, o_lin = _rows_linear(mn_strides(out), images, OH, OW)
     args = [
         a1.x, a1.weight, a2.x if a2 else a1.x, a2.weight if a2 else a1.weight,
         bias if bias is not None else out, residual if residual is not None else out, out,
         M, N, a1.k, a2.k if a2 else 0, OH, OW,
-        *a1.a_strides(), *a1.w_strides(),
-        *(a2.a_strides() if a2 else (0, 0, 0, 0)), *(a2.w_strides() if a2 else (0, 0)),
-        *(mn_strides(residual) if residual is not None else (0, 0, 0, 0)),
-        *mn_strides(out),
+        *a1_st, *a1.w_strides(), *a2_st, *(a2.w_strides() if a2 else (0, 0)), *r_st, *o_st,
     ]
     flags = dict(HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                 A1_LINEAR=a1_lin, A2_LINEAR=a2_lin, R_LINEAR=r_lin, O_LINEAR=o_lin,
                  PREFETCH_EPILOGUE=out.element_size() <= 2,
                  DOT_PRECISION=dot_precision(out.dtype, out.device),
                  RELU_HW_MAX=relu_uses_hw_max(out.device), INTERPRET=interpret)
@@ -173,12 +200,17 @@ def autotune_choices() -> list[str]:
 
 def _triton_relu_grad_colsum(grad, out, gm, partial) -> None:
     M, N, OH, OW = grid_of(out)
+    if M > TRITON_MAX_ROWS:
+        raise ValueError(f"the Triton masked-gradient kernel takes at most {TRITON_MAX_ROWS} rows, got {M}")
     K = _triton.kernels("gemm_add_relu")
+    images = M // (OH * OW) if M else 0
+    g_st, g_lin = _rows_linear(mn_strides(grad), images, OH, OW)
+    o_st, o_lin = _rows_linear(mn_strides(out), images, OH, OW)
     grid = (_triton.cdiv(M, K.GRAD_BLOCK_M), _triton.cdiv(N, K.GRAD_BLOCK_N))
     with _device_guard(out):
         K.relu_grad_colsum_kernel[grid](
-            grad, out, gm, partial if partial is not None else gm, M, N, OH, OW,
-            *mn_strides(grad), *mn_strides(out),
+            grad, out, gm, partial if partial is not None else gm, M, N, OH, OW, *g_st, *o_st,
+            G_LINEAR=g_lin, O_LINEAR=o_lin,
             HAS_COLSUM=partial is not None, BLOCK_M=K.GRAD_BLOCK_M, BLOCK_N=K.GRAD_BLOCK_N)
 
 
@@ -241,6 +273,8 @@ def gemm_path(operands: list[Operand], residual, out) -> str:
         raise ValueError(f"unknown GEMM path {name!r} (FUSED_RESIDUAL_GEMM_PATH); expected one of {GEMM_PATHS}")
     if name != "auto":
         return name
+    if grid_of(out)[0] > TRITON_MAX_ROWS:
+        return "library"
     if len(operands) > 1:
         return "triton"
     return "library" if intensity(operands, residual, out) >= LIBRARY_MIN_INTENSITY else "triton"
@@ -509,6 +543,8 @@ def _relu_grad_colsum(grad: torch.Tensor, out: torch.Tensor, with_colsum: bool) 
     gm = _alloc.empty(out.shape, out, **_grad_layout(out))
     colsum = _alloc.empty((N,) if with_colsum else (0,), out, dtype=torch.float32)
     backend = _backend.resolve(out.device)
+    if backend == "triton" and M > TRITON_MAX_ROWS:
+        backend = "eager"  # past the kernel's int32 row indices (the forward took the library path too)
     if backend == "triton":
         K = _triton.kernels("gemm_add_relu")
         partial = torch.empty((_triton.cdiv(M, K.GRAD_BLOCK_M), N), dtype=torch.float32, device=out.device) \
