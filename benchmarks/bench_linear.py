@@ -3,7 +3,8 @@
     python benchmarks/bench_linear.py [--device cpu|cuda] [--quick] [--out DIR]
 
 Providers (same tensors, one process):
-  torch.mm           the GEMM alone (cuBLAS / MKL): the floor for compute-bound shapes
+  torch.mm           the GEMM alone (cuBLAS / MKL; dual: both products, the second accumulated by addmm_):
+                     the floor for compute-bound shapes
   _addmm_activation  cuBLASLt with the residual as the C matrix and its ReLU epilogue (no bias)
   eager              relu(F.linear(x, w, b) + r)  (dual: relu(F.linear(x, w, b) + F.linear(s, ws)))
   torch.compile      the eager function compiled (and mode="max-autotune" for the compute-bound shapes)
@@ -80,7 +81,11 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, ma
         def m(provider, mode, fn, fl=flops, nb=nbytes):
             bench.measure(op, shape, dname, provider, mode, fn, flops=fl, nbytes=nb, copy=copy_gbs)
 
-        m("torch.mm", "fwd", lambda: torch.mm(x, w.t(), out=out_buf), nb=es * (M * K + N * K + M * N))
+        if dual:  # both products, as the fused kernel computes them
+            m("torch.mm", "fwd", lambda: torch.mm(x, w.t(), out=out_buf).addmm_(s, ws.t()),
+              nb=es * (M * K + N * K + M * K2 + N * K2 + M * N))
+        else:
+            m("torch.mm", "fwd", lambda: torch.mm(x, w.t(), out=out_buf), nb=es * (M * K + N * K + M * N))
         if not dual and max_autotune != "only":
             m("_addmm_activation", "fwd", lambda: torch._addmm_activation(r, x, w.t()))
         m("eager", "fwd", lambda: eager_fn(*args))

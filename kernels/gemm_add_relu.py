@@ -15,7 +15,8 @@ Rows ``m`` are output pixels ``(img, oh, ow)`` of an ``OH x OW`` grid, so one ke
 
 The accumulator is fp32; bias and residual are added to it and ReLU applied before the single store.
 Programs are ordered in groups of ``GROUP_M`` row tiles for L2 reuse of the weight tiles. Row indices are
-int32 (the launcher bounds M), offsets int64 (M * stride can pass 2**31), so no 64-bit division is needed.
+int32 (the launcher bounds M), row and channel offsets int64 (M * stride can pass 2**31), so no 64-bit
+division is needed.
 
 Under the Triton interpreter (``INTERPRET``) the dot operands are upcast to fp32 first: the interpreter keeps
 bf16 as raw uint16, so a bf16 ``tl.dot`` there would multiply bit patterns. Compiled kernels keep fp16/bf16
@@ -161,9 +162,10 @@ def finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh
         acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + row_offsets(rows % M, OH, OW, r_sn, r_sh, r_sw, R_LINEAR)[:, None]
-                       + cols_in[None, :] * r_sc).to(tl.float32)
+                       + cols_in.to(tl.int64)[None, :] * r_sc).to(tl.float32)
     y = to_storage(relu_f32(acc, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
-    o_ptrs = out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_LINEAR)[:, None] + cols[None, :] * o_sc
+    o_ptrs = (out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_LINEAR)[:, None]
+              + cols.to(tl.int64)[None, :] * o_sc)
     tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
@@ -204,7 +206,7 @@ def gemm_tile(
     if PREFETCH_EPILOGUE:
         if HAS_RESIDUAL:
             residual = tl.load(res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw, R_LINEAR)[:, None]
-                               + cols_in[None, :] * r_sc)
+                               + cols_in.to(tl.int64)[None, :] * r_sc)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols_in)
 
@@ -310,9 +312,11 @@ def relu_grad_colsum_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 pixel indices, int64 offsets
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inb = (rows[:, None] < M) & (cols[None, :] < N)
-    g = tl.load(grad_ptr + row_offsets(rows, OH, OW, g_sn, g_sh, g_sw, G_LINEAR)[:, None] + cols[None, :] * g_sc,
+    g = tl.load(grad_ptr + row_offsets(rows, OH, OW, g_sn, g_sh, g_sw, G_LINEAR)[:, None]
+                + cols.to(tl.int64)[None, :] * g_sc,
                 mask=inb, other=0.0)
-    o = tl.load(out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_LINEAR)[:, None] + cols[None, :] * o_sc,
+    o = tl.load(out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_LINEAR)[:, None]
+                + cols.to(tl.int64)[None, :] * o_sc,
                 mask=inb, other=0.0).to(tl.float32)
     gm = tl.where(relu_keeps(o), g, tl.zeros_like(g))
     tl.store(gm_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], gm, mask=inb)

@@ -130,7 +130,7 @@ def gemm_variants():
                           R_LINEAR=True, O_LINEAR=True, DOT_PRECISION="ieee", RELU_HW_MAX=True, INTERPRET=False,
                           **cfg.kwargs)
             args = {n: "*bf16" if n.endswith("_ptr") else "i32" for n in names if n not in consts}
-            divisible = [n for n in args if n.endswith("_ptr") or n.endswith(("_sn", "_sh", "_sw")) or n in "NK1K2"]
+            divisible = [n for n in args if n.endswith(("_ptr", "_sn", "_sh", "_sw")) or n in ("N", "K1", "K2")]
             yield (f"gemm_add_relu/bf16/sm{arch}/{name}",
                    lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: compile_variant(
                        K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))

@@ -151,9 +151,14 @@ def test_fast_path_is_bit_identical_to_the_registered_ops(monkeypatch, backend):
     switched off they go through torch.ops. Outputs and gradients agree bit for bit."""
     from fused_residual.ops import _direct
 
+    real_plain_eager = _direct.plain_eager
     for name, fn, args in _fast_path_cases():
         with fr.use_backend(backend):
-            direct = _forward_backward(fn, args)
+            answers = []
+            with monkeypatch.context() as m:  # record that the fast path was taken
+                m.setattr(_direct, "plain_eager", lambda *t: answers.append(real_plain_eager(*t)) or answers[-1])
+                direct = _forward_backward(fn, args)
+            assert answers and all(answers), (name, answers)
             with monkeypatch.context() as m:
                 m.setattr(_direct, "plain_eager", lambda *tensors: False)
                 via_ops = _forward_backward(fn, args)
@@ -173,6 +178,7 @@ def test_fast_path_takes_plain_eager_calls_only():
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(z)
         assert not _direct.plain_eager(fake)
+        assert not _direct.plain_eager(z)  # a real tensor, but a dispatch mode is active
         out = fr.linear_add_relu(mode.from_tensor(torch.randn(3, 4)), mode.from_tensor(torch.randn(5, 4)),
                                  mode.from_tensor(torch.randn(3, 5)))  # the fake impl answers
         assert out.shape == (3, 5)
@@ -184,6 +190,10 @@ def test_fast_path_takes_plain_eager_calls_only():
     with Noop():
         assert not _direct.plain_eager(z)
     assert not torch.vmap(lambda t: torch.tensor(_direct.plain_eager(t)))(torch.randn(2, 3)).any()
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        assert not _direct.plain_eager(z)
     with torch.profiler.profile() as prof:
         assert not _direct.plain_eager(z)
         fr.linear_add_relu(torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 5))
@@ -202,3 +212,24 @@ def test_fast_path_inplace_bumps_the_version_counter():
     assert z._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.sum().backward()
+
+
+def test_fast_path_leaves_lazy_views_and_meta_tensors_to_the_dispatcher():
+    """A lazily negated view (``.conj().imag`` of a complex tensor: plain float storage with the negation
+    pending) and meta tensors go through torch.ops, where the dispatcher resolves them."""
+    from fused_residual.ops import _direct
+
+    c = torch.randn(6, 5, dtype=torch.complex64)
+    neg = c.conj().imag
+    assert neg.is_neg() and not _direct.plain_eager(neg)
+    skip = torch.randn(6, 5)
+    assert_bitwise_equal(fr.add_relu(neg, skip), torch.relu(neg.resolve_neg() + skip), "add_relu on a neg view")
+    x, w = torch.randn(6, 3), torch.randn(5, 3)
+    expected = fr.reference.linear_add_relu(x, w, neg.resolve_neg())
+    assert torch.allclose(fr.linear_add_relu(x, w, neg), expected, atol=1e-6)
+    meta = torch.empty(6, 5, device="meta")
+    assert not _direct.plain_eager(meta)
+    out = fr.add_relu(meta, meta)
+    assert out.device.type == "meta" and out.shape == (6, 5)
+    assert fr.add_relu(meta, meta, save="mask").shape == (6, 5)
+    assert fr.add_relu_(meta, torch.empty(6, 5, device="meta")) is meta

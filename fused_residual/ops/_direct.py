@@ -6,30 +6,36 @@ ops whose kernels may take a few (``fused-residual bench overhead`` measures bot
 functions therefore run the same implementation and the same autograd formulas through a
 ``torch.autograd.Function`` when nothing but autograd needs to see the call: :func:`plain_eager` says when
 that is. Everywhere else (torch.compile and torch.export tracing, torch.jit.trace, fake / functional /
-subclass tensors, vmap and other functorch transforms, TorchFunction and TorchDispatch modes, the profiler)
-they call ``torch.ops.fused_residual.*``, so compiled graphs, exported programs and traces see the
-registered ops. Both paths run the same code on the same backend, so their results are bit-identical
-(tests/test_registration.py checks it).
+subclass / meta tensors, lazily negated or conjugated views, vmap and other functorch transforms, forward-
+mode AD, TorchFunction and TorchDispatch modes, the profiler) they call ``torch.ops.fused_residual.*``, so
+compiled graphs, exported programs and traces see the registered ops. (``torch.set_default_device``
+installs a TorchFunction mode, so under it every call takes the registered op.) Both paths run the same
+code on the same backend, so their results are bit-identical (tests/test_registration.py checks it).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain_eager(*tensors) -> bool:
-    """True when the call may bypass the dispatcher: every tensor is a plain ``Tensor`` / ``Parameter``
-    and no tracer, mode, transform or profiler is active."""
+    """True when the call may bypass the dispatcher: every tensor is a plain strided ``Tensor`` /
+    ``Parameter`` holding its values as stored (not meta, no lazy negation or conjugation, which the
+    dispatcher resolves before a kernel sees the memory) and no tracer, mode, transform, forward-mode AD
+    level or profiler is active."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
-        if t is not None and type(t) not in _PLAIN:
+        if t is not None and (type(t) not in _PLAIN or t.is_meta or t.is_neg() or t.is_conj()
+                              or t.layout != torch.strided):
             return False
     return not (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._functorch.peek_interpreter_stack() is not None
-                or torch.autograd._profiler_enabled() or torch._C._get_tracing_state() is not None)
+                or torch.autograd._profiler_enabled() or torch._C._get_tracing_state() is not None
+                or _forward_ad._current_level >= 0)
 
 
 def function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
