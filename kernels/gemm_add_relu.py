@@ -37,7 +37,7 @@ def make_config(bm, bn, bk, stages, warps, group=8, persistent=0, split=False):
                           "EPILOGUE_SPLIT": split}, num_stages=stages, num_warps=warps)
 
 
-# Static configs, keyed on (M, N, K1, K2) by the autotuner. 128x128 and 128x256 tiles for compute-bound
+# Static configs, keyed on (M, N, K1, K2) and the row addressing by the autotuner. 128x128 and 128x256 tiles for compute-bound
 # shapes; the narrower ones for the memory-bound shortcut shapes (small K, N = 64..512) and small problems.
 # 128x256 tiles spill registers unless the epilogue is split: a whole residual tile beside the accumulator
 # is too much (tests/test_codegen.py checks every config for spills). Register and shared-memory figures
@@ -275,7 +275,9 @@ def gemm_add_relu_kernel(
 
 
 def _autotuned(configs):
-    return triton.autotune(configs=configs, key=["M", "N", "K1", "K2"],
+    # Tuned per problem size and per row addressing (a strided 1x1 convolution and a linear layer of the
+    # same M, N, K run different code).
+    return triton.autotune(configs=configs, key=["M", "N", "K1", "K2", "A1_LINEAR", "A2_LINEAR", "O_LINEAR"],
                            prune_configs_by={"early_config_prune": prune_configs})(gemm_add_relu_kernel)
 
 
