@@ -233,3 +233,15 @@ def test_fast_path_leaves_lazy_views_and_meta_tensors_to_the_dispatcher():
     assert out.device.type == "meta" and out.shape == (6, 5)
     assert fr.add_relu(meta, meta, save="mask").shape == (6, 5)
     assert fr.add_relu_(meta, torch.empty(6, 5, device="meta")) is meta
+
+
+def test_fast_path_under_inference_mode_matches_eager():
+    """Inference tensors (no version counter) through the fast path, in place included."""
+    with torch.inference_mode():
+        z, s = torch.randn(7, 6), torch.randn(7, 6)
+        expected = torch.relu(z + s)
+        assert_bitwise_equal(fr.add_relu(z, s), expected)
+        x, w = torch.randn(7, 4), torch.randn(6, 4)
+        assert torch.allclose(fr.linear_add_relu(x, w, s), fr.reference.linear_add_relu(x, w, s), atol=1e-6)
+        fr.add_relu_(z, s)
+        assert_bitwise_equal(z, expected)
