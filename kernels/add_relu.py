@@ -11,7 +11,8 @@ arguments, which keeps their launch cheap):
 The optional packed mask stores bit ``i % 8`` of byte ``i // 8`` = ``not (out[i] <= 0)`` for storage
 element ``i`` of the (dense) output: 1 bit per element instead of the output itself for the backward.
 
-Arithmetic is fp32 whatever the storage dtype. Offsets are int64, so tensors past 2**31 elements work.
+Arithmetic is fp32 whatever the storage dtype. Offsets are int64, so tensors past 2**31 elements work; the
+strided kernels' element indices (and so their divisions) are int32 below that size (``INDEX64``).
 
 ReLU follows eager PyTorch on the device the kernel serves, signed zeros included (``RELU_HW_MAX``, see
 ``kernels/common.py`` and ``fused_residual.ops.add_relu.relu_uses_hw_max``).
@@ -24,8 +25,9 @@ from .common import relu_f32, relu_keeps, to_storage
 
 # Elements per program. Each thread owns BLOCK / (32 * num_warps) contiguous elements: 16 for the flat
 # kernels at 8 warps, i.e. 64 bytes of fp32 or 32 bytes of fp16/bf16, so 128-bit accesses with several in
-# flight. The strided kernels keep 4 elements per thread: their int64 index arithmetic (div/mod per dim)
-# would spill registers at 16.
+# flight. The strided kernels keep 4 elements per thread: their index arithmetic (div/mod per dim) takes
+# 40-64 registers per thread there and ~250 at 16 elements per thread (sm_90a), which would leave a
+# fifth as many programs resident per SM.
 BLOCK = 4096
 STRIDED_BLOCK = 1024
 NUM_WARPS = 8
@@ -34,14 +36,15 @@ MAX_DIMS = 4
 
 @triton.jit
 def strided_offset(lin, size1, size2, size3, st0, st1, st2, st3):
-    """Storage offset of linear index ``lin`` in a 4-D iteration space with sizes (-, s1, s2, s3)."""
+    """Storage offset (int64) of linear index ``lin`` in a 4-D iteration space with sizes (-, s1, s2, s3).
+    ``lin`` is int32 below 2**31 elements (``INDEX64`` off), so the divisions are 32-bit ones."""
     i3 = lin % size3
     rest = lin // size3
     i2 = rest % size2
     rest = rest // size2
     i1 = rest % size1
     i0 = rest // size1
-    return i0 * st0 + i1 * st1 + i2 * st2 + i3 * st3
+    return i0.to(tl.int64) * st0 + i1.to(tl.int64) * st1 + i2.to(tl.int64) * st2 + i3.to(tl.int64) * st3
 
 
 @triton.jit
@@ -95,9 +98,12 @@ def add_relu_fwd_strided_kernel(
     s_st0, s_st1, s_st2, s_st3,
     o_st0, o_st1, o_st2, o_st3,
     SAVE_MASK: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     """Strided: a 4-D iteration space in out's storage order, each tensor with its own strides."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
     lin = pid * BLOCK + tl.arange(0, BLOCK)
     add_relu_fwd_block(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, pid, lin,
                        strided_offset(lin, size1, size2, size3, z_st0, z_st1, z_st2, z_st3),
@@ -137,10 +143,12 @@ def add_relu_bwd_strided_kernel(
     size1, size2, size3,
     g_st0, g_st1, g_st2, g_st3,
     o_st0, o_st1, o_st2, o_st3,
-    FROM_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    FROM_MASK: tl.constexpr, BLOCK: tl.constexpr, INDEX64: tl.constexpr,
 ):
     """``grad`` with its own strides; ``gin`` and ``out`` with the output's."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
     lin = pid * BLOCK + tl.arange(0, BLOCK)
     add_relu_bwd_block(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, pid, lin,
                        strided_offset(lin, size1, size2, size3, g_st0, g_st1, g_st2, g_st3),

@@ -80,14 +80,16 @@ def add_relu_variants():
                     yield (f"add_relu_fwd/{dname}/sm{arch}/{layout}{'/mask' if mask else ''}",
                            lambda fn=fn, a=args, m=mask, arch=arch, b=block: compile_variant(
                                fn, {k: v for k, v in a.items() if k in fn.arg_names},
-                               {"SAVE_MASK": m, "RELU_HW_MAX": True, "INTERPRET": False, "BLOCK": b}, arch,
+                               dict({"SAVE_MASK": m, "RELU_HW_MAX": True, "INTERPRET": False, "BLOCK": b},
+                                    **({"INDEX64": False} if "INDEX64" in fn.arg_names else {})), arch,
                                K.NUM_WARPS, divisible=("z_ptr", "skip_ptr", "out_ptr", "mask_ptr", "numel")))
                     args = {"grad_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "gin_ptr": ptr, "numel": "i32", **extra}
                     fn = K.add_relu_bwd_strided_kernel if strided else K.add_relu_bwd_kernel
                     yield (f"add_relu_bwd/{dname}/sm{arch}/{layout}{'/mask' if mask else ''}",
                            lambda fn=fn, a=args, m=mask, arch=arch, b=block: compile_variant(
                                fn, {k: v for k, v in a.items() if k in fn.arg_names},
-                               {"FROM_MASK": m, "BLOCK": b}, arch, K.NUM_WARPS,
+                               dict({"FROM_MASK": m, "BLOCK": b},
+                                    **({"INDEX64": False} if "INDEX64" in fn.arg_names else {})), arch, K.NUM_WARPS,
                                divisible=("grad_ptr", "out_ptr", "mask_ptr", "gin_ptr", "numel")))
 
 

@@ -245,3 +245,16 @@ def test_int64_offsets_past_2_pow_31_elements(dtype):
     tail = slice(n - 100_000, n)
     assert_bitwise_equal(out[tail], torch.relu(z[tail] + skip[tail]), "tail past 2**31")
     assert_bitwise_equal(out[:100_000], torch.relu(z[:100_000] + skip[:100_000]), "head")
+
+
+@pytest.mark.cuda
+def test_strided_kernel_past_2_pow_31_elements():
+    """Mismatched layouts (a transposed z, a contiguous skip) take the strided kernel, with int64 element
+    indices past 2**31 elements (int32 below)."""
+    a, b = 65539, 32771  # a * b = 2**31 + 327721
+    z = torch.randn(b, a, dtype=torch.float16, device="cuda").t()
+    skip = torch.randn(a, b, dtype=torch.float16, device="cuda")
+    out = fr.add_relu(z, skip)
+    assert out.stride() == z.stride()
+    for rows in (slice(0, 64), slice(a - 64, a)):
+        assert_bitwise_equal(out[rows], torch.relu(z[rows] + skip[rows]), f"rows {rows}")

@@ -82,6 +82,13 @@ def test_gemm_configs_fit_in_shared_memory(report, arch):
             assert 0 < v["shared_bytes"] <= MAX_SHARED[arch], (name, v["shared_bytes"])
 
 
+def test_strided_elementwise_kernels_divide_in_32_bits(report):
+    """Below 2**31 elements the strided add_relu kernels index elements in int32 (offsets stay int64)."""
+    strided = {k: v for k, v in report.items() if k.startswith("add_relu_") and "/strided" in k}
+    assert strided and all(v["int_div64"] == 0 and v["int_div32"] > 0 for v in strided.values()), \
+        {k: (v["int_div64"], v["int_div32"]) for k, v in strided.items()}
+
+
 def test_gemm_row_addressing_needs_no_64_bit_division(report):
     """Row (pixel) indices are int32 and dense tensors are addressed with one multiply: no 64-bit integer
     division anywhere (each costs dozens of instructions), and a dense NHWC 1x1 convolution divides no

@@ -55,6 +55,11 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _index64(numel: int, block: int) -> bool:
+    """Whether the strided kernels need int64 element indices (int32 ones divide faster)."""
+    return numel + block >= 2**31
+
+
 def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
     """out = relu(z + skip) (out may be z itself); mask, if given, needs a dense out."""
     numel = out.numel()
@@ -80,7 +85,7 @@ def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask
     with _device_guard(out):
         K.add_relu_fwd_strided_kernel[(_triton.cdiv(numel, K.STRIDED_BLOCK),)](
             z, skip, out, mask_arg, numel, sizes[1], sizes[2], sizes[3], *z_st, *s_st, *o_st,
-            BLOCK=K.STRIDED_BLOCK, **flags)
+            BLOCK=K.STRIDED_BLOCK, INDEX64=_index64(numel, K.STRIDED_BLOCK), **flags)
 
 
 def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor | None,
@@ -105,7 +110,8 @@ def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.T
     with _device_guard(gin):
         K.add_relu_bwd_strided_kernel[(_triton.cdiv(numel, K.STRIDED_BLOCK),)](
             grad, gate, mask_arg, gin, numel, sizes[1], sizes[2], sizes[3], *g_st, *gin_st,
-            FROM_MASK=mask is not None, BLOCK=K.STRIDED_BLOCK, num_warps=K.NUM_WARPS)
+            FROM_MASK=mask is not None, BLOCK=K.STRIDED_BLOCK, INDEX64=_index64(numel, K.STRIDED_BLOCK),
+            num_warps=K.NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------------------
