@@ -74,7 +74,6 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None):
         del x, w, r, b, leaves, g
         if device == "cuda":
             torch.cuda.empty_cache()
-    common.print_autotune_choices(device)
     return bench.finish()
 
 

@@ -114,7 +114,6 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, ma
         del x, w, b, args, out_buf
         if device == "cuda":
             torch.cuda.empty_cache()
-    common.print_autotune_choices(device)
     return bench.finish()
 
 

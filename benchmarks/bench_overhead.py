@@ -23,6 +23,7 @@ except ImportError:  # run as a script
     from fused_residual._benchmarks import common
 
 import fused_residual as fr
+from fused_residual import verify
 
 OPS = torch.ops.fused_residual
 
@@ -49,7 +50,7 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None):
         providers = [("eager", eager_fn), ("fused", fused_fn), ("fused [torch.ops]", registered)]
         for provider, fn in providers:
             bench.measure(op, shape, dtype, provider, "fwd", lambda fn=fn: fn(*args))
-        leaves = [a.detach().requires_grad_() for a in args]
+        leaves = verify.leaf_copies(args)
         g = torch.ones_like(eager_fn(*args))
         for provider, fn in providers:
             bench.measure(op, shape, dtype, provider, "fwd+bwd",

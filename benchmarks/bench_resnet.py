@@ -136,7 +136,6 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, mo
             del net, fn
             if device == "cuda":
                 torch.cuda.empty_cache()
-    common.print_autotune_choices(device)
     return bench.finish()
 
 

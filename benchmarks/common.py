@@ -168,6 +168,7 @@ class Bench:
         return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines)
 
     def finish(self) -> list[Row]:
+        print_autotune_choices(self.device)
         print(f"\n{self.name} on {self._dev} ({self._ver})\n{self.table()}", flush=True)
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -183,13 +184,15 @@ class Bench:
 
 
 def print_autotune_choices(device: str) -> None:
-    """The GEMM kernel's autotuned configs chosen during this run (CUDA only), for the log."""
+    """The GEMM kernel's autotuned configs chosen so far in this process (CUDA only; nothing when no GEMM
+    was tuned), for the log. :meth:`Bench.finish` calls it."""
     if device != "cuda":
         return
     from fused_residual.ops.gemm_add_relu import autotune_choices
 
     lines = autotune_choices()
-    print(f"autotuned GEMM configs ({len(lines)} keys):" + "".join(f"\n  {line}" for line in lines), flush=True)
+    if lines:
+        print(f"autotuned GEMM configs ({len(lines)} keys):" + "".join(f"\n  {line}" for line in lines), flush=True)
 
 
 def plot(rows: list[Row], path: str, title: str) -> None:

@@ -104,7 +104,6 @@ def run(device: str = "cuda", quick: bool = False, out_dir: str | None = None):
         del x, w, b, out, operands, residual
         if device == "cuda":
             torch.cuda.empty_cache()
-    common.print_autotune_choices(device)
     return bench.finish()
 
 

@@ -26,9 +26,8 @@ def add_relu(z: torch.Tensor, skip: torch.Tensor, *, save: str = "output") -> to
     if save not in SAVE_MODES:
         raise ValueError(f"add_relu: save must be one of {SAVE_MODES}, got {save!r}")
     if save == "mask" and torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
-        if _direct.plain_eager(z, skip):
-            return _ar.AddReLUWithMask.apply(z, skip)[0]
-        return torch.ops.fused_residual.add_relu_with_mask(z, skip)[0]
+        return _direct.run(torch.ops.fused_residual.add_relu_with_mask, _ar.AddReLUWithMask,
+                           _ar._add_relu_with_mask, z, skip)[0]
     return _direct.run(torch.ops.fused_residual.add_relu, _ar.AddReLU, _ar._add_relu, z, skip)
 
 

@@ -35,6 +35,16 @@ MAX_DIMS = 4
 
 
 @triton.jit
+def program_elements(BLOCK: tl.constexpr, INDEX64: tl.constexpr):
+    """This program's index and the linear indices of its BLOCK elements: int64 with ``INDEX64``, else
+    int32 (cheaper division in the strided kernels, which pass it off below 2**31 elements)."""
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
+    return pid, pid * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def strided_offset(lin, size1, size2, size3, st0, st1, st2, st3):
     """Storage offset (int64) of linear index ``lin`` in a 4-D iteration space with sizes (-, s1, s2, s3).
     ``lin`` is int32 below 2**31 elements (``INDEX64`` off), so the divisions are 32-bit ones."""
@@ -84,8 +94,7 @@ def add_relu_fwd_block(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, pid, lin, z_of
 def add_relu_fwd_kernel(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, SAVE_MASK: tl.constexpr,
                         RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
     """Flat: every tensor dense with the same strides; element i of storage throughout."""
-    pid = tl.program_id(0).to(tl.int64)
-    lin = pid * BLOCK + tl.arange(0, BLOCK)
+    pid, lin = program_elements(BLOCK, True)
     add_relu_fwd_block(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, pid, lin, lin, lin, lin,
                        SAVE_MASK, RELU_HW_MAX, INTERPRET, BLOCK)
 
@@ -101,10 +110,7 @@ def add_relu_fwd_strided_kernel(
     INDEX64: tl.constexpr,
 ):
     """Strided: a 4-D iteration space in out's storage order, each tensor with its own strides."""
-    pid = tl.program_id(0)
-    if INDEX64:
-        pid = pid.to(tl.int64)
-    lin = pid * BLOCK + tl.arange(0, BLOCK)
+    pid, lin = program_elements(BLOCK, INDEX64)
     add_relu_fwd_block(z_ptr, skip_ptr, out_ptr, mask_ptr, numel, pid, lin,
                        strided_offset(lin, size1, size2, size3, z_st0, z_st1, z_st2, z_st3),
                        strided_offset(lin, size1, size2, size3, s_st0, s_st1, s_st2, s_st3),
@@ -132,8 +138,7 @@ def add_relu_bwd_block(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, pid, lin, g_
 @triton.jit
 def add_relu_bwd_kernel(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, FROM_MASK: tl.constexpr,
                         BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    lin = pid * BLOCK + tl.arange(0, BLOCK)
+    pid, lin = program_elements(BLOCK, True)
     add_relu_bwd_block(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, pid, lin, lin, lin, FROM_MASK, BLOCK)
 
 
@@ -146,10 +151,7 @@ def add_relu_bwd_strided_kernel(
     FROM_MASK: tl.constexpr, BLOCK: tl.constexpr, INDEX64: tl.constexpr,
 ):
     """``grad`` with its own strides; ``gin`` and ``out`` with the output's."""
-    pid = tl.program_id(0)
-    if INDEX64:
-        pid = pid.to(tl.int64)
-    lin = pid * BLOCK + tl.arange(0, BLOCK)
+    pid, lin = program_elements(BLOCK, INDEX64)
     add_relu_bwd_block(grad_ptr, out_ptr, mask_ptr, gin_ptr, numel, pid, lin,
                        strided_offset(lin, size1, size2, size3, g_st0, g_st1, g_st2, g_st3),
                        strided_offset(lin, size1, size2, size3, o_st0, o_st1, o_st2, o_st3),

@@ -37,8 +37,9 @@ def make_config(bm, bn, bk, stages, warps, group=8, persistent=0, split=False):
                           "EPILOGUE_SPLIT": split}, num_stages=stages, num_warps=warps)
 
 
-# Static configs, keyed on (M, N, K1, K2) and the row addressing by the autotuner. 128x128 and 128x256 tiles for compute-bound
-# shapes; the narrower ones for the memory-bound shortcut shapes (small K, N = 64..512) and small problems.
+# Static configs, keyed on (M, N, K1, K2) and the row addressing by the autotuner. 128x128 and 128x256
+# tiles for compute-bound shapes; the narrower ones for the memory-bound shortcut shapes (small K,
+# N = 64..512) and small problems.
 # 128x256 tiles spill registers unless the epilogue is split: a whole residual tile beside the accumulator
 # is too much (tests/test_codegen.py checks every config for spills). Register and shared-memory figures
 # below are ptxas's for sm_90a.

@@ -99,7 +99,7 @@ def test_cpu_row_blocks_cover_every_row(monkeypatch, dual):
 def test_zero_width_operands_match_eager(device, backend):
     """K = 0 (an empty product: relu(bias + residual)) and N = 0 (no outputs), forward and backward."""
     def run(fn, args):
-        leaves = [a.detach().requires_grad_() for a in args]
+        leaves = verify.leaf_copies(args)
         out = fn(*leaves)
         out.backward(torch.ones_like(out))
         return [out.detach()] + [leaf.grad for leaf in leaves]

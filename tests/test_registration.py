@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fused_residual as fr
+from fused_residual import verify
 from helpers import assert_bitwise_equal, device_backend_params
 
 OPS = torch.ops.fused_residual
@@ -139,7 +140,7 @@ def _fast_path_cases():
 
 
 def _forward_backward(fn, args):
-    leaves = [a.detach().clone().requires_grad_() for a in args]
+    leaves = verify.leaf_copies(args)
     out = fn(*leaves)
     out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(5)))
     return [out.detach()] + [leaf.grad for leaf in leaves]
