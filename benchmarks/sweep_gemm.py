@@ -6,7 +6,7 @@ The autotuner keeps only its winner; this sweep records how far each tile shape,
 count is from the memory roofline (fraction of the copy kernel's bandwidth for the fused op's bytes) and
 from cuBLAS (``torch.mm``), so that config lists are chosen from measurements. Rows: one per config
 (provider ``BMxBNxBK sS wW``, ``pP`` for P persistent programs per SM, ``split`` for a split
-epilogue), plus ``torch.mm``, ``eager`` and the autotuned kernel (``autotuned``), whose
+epilogue, ``tma`` for TMA copies), plus ``torch.mm``, ``eager`` and the autotuned kernel (``autotuned``), whose
 choice is printed at the end. On CPU it runs under the Triton interpreter on tiny shapes (a smoke test).
 """
 
@@ -24,10 +24,14 @@ from fused_residual import _triton
 from fused_residual.ops import gemm_add_relu as gemm_ops
 
 # Configs timed besides the shipped list (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent programs per
-# SM, split epilogue): deeper or shallower variants of it, wider N tiles, and persistent variants.
-EXTRA = [(64, 256, 64, 2, 8, 0, False), (128, 128, 64, 2, 8, 0, True), (128, 256, 64, 4, 8, 0, True),
-         (128, 128, 32, 4, 8, 0, False), (64, 64, 64, 3, 4, 0, False), (128, 64, 32, 3, 4, 0, False),
-         (128, 128, 64, 4, 8, 1, True), (64, 128, 64, 3, 4, 2, False), (64, 64, 64, 2, 4, 4, False)]
+# SM, split epilogue, TMA): deeper or shallower variants of it, wider N tiles, persistent and TMA variants.
+EXTRA = [(64, 256, 64, 2, 8, 0, False, False), (128, 128, 64, 2, 8, 0, True, False),
+         (128, 256, 64, 4, 8, 0, True, False), (128, 128, 32, 4, 8, 0, False, False),
+         (64, 64, 64, 3, 4, 0, False, False), (128, 64, 32, 3, 4, 0, False, False),
+         (128, 128, 64, 4, 8, 1, True, False), (64, 128, 64, 3, 4, 2, False, False),
+         (64, 64, 64, 2, 4, 4, False, False), (128, 256, 64, 4, 8, 0, True, True),
+         (128, 256, 64, 3, 8, 1, True, True), (128, 128, 64, 3, 8, 0, False, True),
+         (64, 256, 64, 3, 8, 0, False, True), (128, 64, 64, 3, 4, 2, False, True)]
 
 
 def shapes(device: str, quick: bool):
@@ -49,8 +53,9 @@ def configs(device: str):
     K = _triton.kernels("gemm_add_relu")
     if device != "cuda":
         return [K.make_config(32, 32, 16, 2, 4, group=2), K.make_config(32, 32, 16, 2, 4, group=2, persistent=1),
-                K.make_config(32, 32, 16, 2, 4, group=2, split=True)]
-    extra = [K.make_config(bm, bn, bk, s, w, persistent=p, split=x) for bm, bn, bk, s, w, p, x in EXTRA]
+                K.make_config(32, 32, 16, 2, 4, group=2, split=True),
+                K.make_config(32, 32, 16, 2, 4, group=2, tma=True)]
+    extra = [K.make_config(bm, bn, bk, s, w, persistent=p, split=x, tma=t) for bm, bn, bk, s, w, p, x, t in EXTRA]
     capability = torch.cuda.get_device_capability()
     return [c for c in list(K.CONFIG_SETS["16-bit"]) + extra if K.runs_on(c, capability)]
 
@@ -59,13 +64,15 @@ def label(cfg) -> str:
     k = cfg.kwargs
     persistent = f" p{k['PERSISTENT']}" if k["PERSISTENT"] else ""
     split = " split" if k["EPILOGUE_SPLIT"] else ""
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{cfg.num_stages} w{cfg.num_warps}{persistent}{split}"
+    tma = " tma" if k["TMA"] else ""
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{cfg.num_stages} w{cfg.num_warps}{persistent}{split}{tma}"
 
 
 def run(device: str = "cuda", quick: bool = False, out_dir: str | None = None):
     if device == "cpu" and not _triton.interpreting():
         raise RuntimeError("sweep_gemm on CPU needs TRITON_INTERPRET=1 (set before triton is imported)")
-    dtype, dname = (torch.bfloat16, "bf16") if device == "cuda" else (torch.float32, "fp32")
+    # fp16 on CPU (the interpreter's bf16 is raw bits; fp16 keeps the TMA config in the smoke test)
+    dtype, dname = (torch.bfloat16, "bf16") if device == "cuda" else (torch.float16, "fp16")
     cfgs = configs(device)
     cases = shapes(device, quick)
     bench = common.Bench("sweep_gemm", device, quick, out_dir, total=len(cases) * (len(cfgs) + 4))

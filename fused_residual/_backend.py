@@ -3,7 +3,8 @@
 ``auto``    CUDA tensors -> Triton kernels, CPU tensors -> the C++ kernels (eager if they were not built)
 ``triton``  Triton kernels; on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1`` set
             before triton is imported)
-``cpp``     the C++ CPU kernels (``fused_residual._C``); CPU tensors only
+``cpp``     the C++ CPU kernels: ``fused_residual._C_avx2`` where torch reports AVX2 or better, else
+            ``fused_residual._C`` (see ``fused_residual._cpp``); CPU tensors only
 ``eager``   the eager PyTorch reference (``fused_residual.reference``)
 
 Chosen, innermost first, by ``with fused_residual.use_backend(name):`` and the environment variable

@@ -117,14 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resnet", help="the main job: convert a torchvision ResNet, check it, time training and "
                                       "inference for eager, fused, compile and compile + fused")
-    p.add_argument("--model", default=None, help="torchvision model name (default: resnet50)")
-    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
+    p.add_argument("--model", default=None, help="torchvision model name (default: resnet50; --quick: resnet18)")
+    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on CPU (--quick: 32 / 2)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--image-size", type=int, default=None, help="default: 224")
-    p.add_argument("--steps", type=int, default=None, help="timed iterations per variant")
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 (--quick: 64 on CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed iterations per variant (default: 10 on CUDA, 3 on CPU; --quick: 3 / 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    p.add_argument("--quick", action="store_true", help="resnet18, small batch and images")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller defaults: resnet18, batch 32 on CUDA and 2 on CPU, 64-px images on CPU, fewer "
+                        "steps (options given explicitly still apply)")
     p.add_argument("--out", help="folder for the CSV and PNG")
     p.set_defaults(func=_resnet)
     return parser

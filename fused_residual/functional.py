@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, reference
 from . import ops as _ops  # noqa: F401  (registers torch.ops.fused_residual.*)
 from .ops import _direct
 from .ops import add_relu as _ar
@@ -27,8 +27,9 @@ def add_relu(z: torch.Tensor, skip: torch.Tensor, *, save: str = "output") -> to
         raise ValueError(f"add_relu: save must be one of {SAVE_MODES}, got {save!r}")
     if save == "mask" and torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
         return _direct.run(torch.ops.fused_residual.add_relu_with_mask, _ar.AddReLUWithMask,
-                           _ar._add_relu_with_mask, z, skip)[0]
-    return _direct.run(torch.ops.fused_residual.add_relu, _ar.AddReLU, _ar._add_relu, z, skip)
+                           _ar._add_relu_with_mask, lambda z, skip: (reference.add_relu(z, skip),), z, skip)[0]
+    return _direct.run(torch.ops.fused_residual.add_relu, _ar.AddReLU, _ar._add_relu, reference.add_relu,
+                       z, skip)
 
 
 def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,8 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     Nothing is written into z when an argument is rejected.
     """
     _checks.tensors("add_relu_", z=z, skip=skip)
+    if _direct.transformed():  # as eager's in-place ops: functorch and forward AD handle those
+        return z.add_(skip).relu_()
     if torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
         if z.is_leaf and z.requires_grad:
             raise RuntimeError("add_relu_: a leaf Variable that requires grad is being used in an in-place "
@@ -56,11 +59,13 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 
 def _autocast(device_type: str, *tensors):
     """Under ``torch.autocast`` the GEMM ops run in the autocast dtype, as ``F.linear``/``F.conv2d`` do:
-    every floating input is cast to it."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
+    every floating input but float64 is cast to it."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return tensors  # (meta tensors, for one, have no autocast)
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    # float64 stays float64 under autocast, as with F.linear (and is then refused by name)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
@@ -73,7 +78,7 @@ def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     _checks.optional_tensors("linear_add_relu", bias=bias)
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
     return _direct.run(torch.ops.fused_residual.linear_add_relu, _gemm.LinearAddReLU, _gemm._linear_add_relu,
-                       x, weight, residual, bias)
+                       reference.linear_add_relu, x, weight, residual, bias)
 
 
 def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
@@ -89,7 +94,8 @@ def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
     return _direct.run(torch.ops.fused_residual.dual_linear_add_relu, _gemm.DualLinearAddReLU,
-                       _gemm._dual_linear_add_relu, x, weight, shortcut, shortcut_weight, bias)
+                       _gemm._dual_linear_add_relu, reference.dual_linear_add_relu,
+                       x, weight, shortcut, shortcut_weight, bias)
 
 
 def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
@@ -104,7 +110,7 @@ def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
     _checks.optional_tensors("conv1x1_add_relu", bias=bias)
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
     return _direct.run(torch.ops.fused_residual.conv1x1_add_relu, _gemm.Conv1x1AddReLU, _gemm._conv1x1_add_relu,
-                       x, weight, residual, bias, stride)
+                       reference.conv1x1_add_relu, x, weight, residual, bias, stride)
 
 
 def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
@@ -118,4 +124,5 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
     return _direct.run(torch.ops.fused_residual.dual_conv1x1_add_relu, _gemm.DualConv1x1AddReLU,
-                       _gemm._dual_conv1x1_add_relu, x, weight, shortcut, shortcut_weight, bias, shortcut_stride)
+                       _gemm._dual_conv1x1_add_relu, reference.dual_conv1x1_add_relu,
+                       x, weight, shortcut, shortcut_weight, bias, shortcut_stride)

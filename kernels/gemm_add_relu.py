@@ -13,6 +13,9 @@ Rows ``m`` are output pixels ``(img, oh, ow)`` of an ``OH x OW`` grid, so one ke
 * two products into one accumulator (``HAS_A2``): a block's last layer and its projection shortcut, with
   no concatenation materialised.
 
+On sm_90+ the TMA configs (``TMA``) read and write matrices (every tensor's rows 16-byte aligned, columns
+adjacent) through TMA descriptors instead of pointers: :func:`gemm_tile_tma`.
+
 The accumulator is fp32; bias and residual are added to it and ReLU applied before the single store.
 Programs are ordered in groups of ``GROUP_M`` row tiles for L2 reuse of the weight tiles. Row indices are
 int32 (the launcher bounds M), row and channel offsets int64 (M * stride can pass 2**31), so no 64-bit
@@ -29,12 +32,25 @@ import triton.language as tl
 from .common import relu_f32, relu_keeps, to_storage
 
 
-def make_config(bm, bn, bk, stages, warps, group=8, persistent=0, split=False):
+def make_config(bm, bn, bk, stages, warps, group=8, persistent=0, split=False, tma=False):
     """A config: BLOCK_M x BLOCK_N tiles, BLOCK_K deep steps, ``stages`` pipeline stages, ``warps`` warps,
-    GROUP_M row tiles per group, ``persistent`` programs per SM (0: one program per tile), and ``split``
-    the epilogue into two halves of the N tile."""
+    GROUP_M row tiles per group, ``persistent`` programs per SM (0: one program per tile), ``split`` the
+    epilogue into two halves of the N tile, and ``tma``: operands, residual and output moved by the Tensor
+    Memory Accelerator (sm_90+, matrices only; :func:`set_tma_blocks` gives the descriptors their tiles)."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent,
-                          "EPILOGUE_SPLIT": split}, num_stages=stages, num_warps=warps)
+                          "EPILOGUE_SPLIT": split, "TMA": tma}, num_stages=stages, num_warps=warps,
+                         pre_hook=set_tma_blocks if tma else None)
+
+
+def set_tma_blocks(args: dict) -> None:
+    """Give the TMA descriptors among a launch's arguments the block shapes of its config (``args``: the
+    kernel's arguments by name, config included; the autotuner calls this before each TMA launch)."""
+    bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    epilogue = [bm, bn // 2 if args["EPILOGUE_SPLIT"] else bn]
+    for name, block in (("a1_desc", [bm, bk]), ("w1_desc", [bn, bk]), ("a2_desc", [bm, bk]), ("w2_desc", [bn, bk]),
+                        ("r_desc", epilogue), ("o_desc", epilogue)):
+        if args[name] is not None:
+            args[name].block_shape = block
 
 
 # Static configs, keyed on (M, N, K1, K2) and the row addressing by the autotuner. 128x128 and 128x256
@@ -70,14 +86,23 @@ CONFIGS = [
     make_config(128, 128, 64, 3, 8, persistent=1, split=True),
     make_config(64, 128, 64, 2, 4, persistent=2),
     make_config(64, 64, 64, 2, 4, persistent=3),
+    # TMA copies (sm_90+, matrices with 16-byte aligned rows): operand tiles land in shared memory without
+    # per-element address arithmetic or registers, as cuBLAS's Hopper kernels move them; the residual and
+    # the output go through shared memory too.
+    make_config(128, 256, 64, 3, 8, split=True, tma=True),
+    make_config(128, 128, 64, 4, 8, tma=True),
+    make_config(128, 128, 64, 3, 8, persistent=1, split=True, tma=True),
+    make_config(128, 64, 64, 2, 4, tma=True),
+    make_config(64, 128, 64, 2, 4, persistent=2, tma=True),
 ]
 # fp32 operands on the tensor cores (TF32) take twice the shared memory per tile of 16-bit ones: the same
 # tiles with half as deep K steps (128x128x64 in four stages would need 256 KiB, more than any GPU has).
-# (Not the persistent ones, nor 128x256 tiles: with fp32 operands they spill registers.)
+# (Not the persistent ones, nor 128x256 tiles: with fp32 operands they spill registers; nor TMA, kept to
+# 16-bit operands.)
 TF32_CONFIGS = [make_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"] // 2, c.num_stages,
                             c.num_warps, c.kwargs["GROUP_M"], split=c.kwargs["EPILOGUE_SPLIT"])
-                for c in CONFIGS
-                if not c.kwargs["PERSISTENT"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+                for c in CONFIGS if not (c.kwargs["PERSISTENT"] or c.kwargs["TMA"])
+                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
 # fp32 with TF32 off multiplies on the FMA units; their operand tiles live in registers, so K tiles of 64
 # spill on sm_80. Shallower K tiles for that path.
 IEEE_FP32_CONFIGS = [
@@ -89,15 +114,15 @@ IEEE_FP32_CONFIGS = [
 ]
 # The one config used under the interpreter (no autotuning there: it would run every config on the CPU).
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "PERSISTENT": 0,
-                      "EPILOGUE_SPLIT": False}
+                      "EPILOGUE_SPLIT": False, "TMA": False}
 
 
 def runs_on(config, capability: tuple[int, int]) -> bool:
     """Whether ``config`` is used on a GPU of this compute capability: the persistent configs and tiles
     over 128x128 on sm_90 and newer only (on sm_80 the flattened pipeline, and 128x256 tiles with triton
-    3.6, spill registers; tests/test_codegen.py)."""
+    3.6, spill registers; tests/test_codegen.py), TMA there only too (sm_80 has no TMA)."""
     k = config.kwargs
-    return capability >= (9, 0) or not (k["PERSISTENT"] or k["BLOCK_M"] * k["BLOCK_N"] > 128 * 128)
+    return capability >= (9, 0) or not (k["PERSISTENT"] or k["TMA"] or k["BLOCK_M"] * k["BLOCK_N"] > 128 * 128)
 
 
 def _capability(t) -> tuple[int, int]:
@@ -107,12 +132,13 @@ def _capability(t) -> tuple[int, int]:
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drop configs not used on this GPU (:func:`runs_on`) and tiles much larger than the problem (they
-    only add masked work)."""
+    """Drop configs not used on this GPU (:func:`runs_on`), TMA configs where the launcher built no
+    descriptors (``TMA_READY`` false), and tiles much larger than the problem (they only add masked work)."""
     M, N = named_args["M"], named_args["N"]
     K = max(named_args["K1"], named_args["K2"])
     capability = _capability(named_args["out_ptr"])
-    usable = [c for c in configs if runs_on(c, capability)]
+    tma_ready = {**named_args, **kwargs}["TMA_READY"]
+    usable = [c for c in configs if runs_on(c, capability) and (tma_ready or not c.kwargs["TMA"])]
     kept = [c for c in usable
             if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(M))
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))
@@ -171,6 +197,18 @@ def finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh
 
 
 @triton.jit
+def tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number ``tile``: tiles go in groups of GROUP_M row tiles
+    that step through the column tiles together, so a group's weight tiles stay in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (tile // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % group) % group_m, (tile % group) // group_m
+
+
+@triton.jit
 def gemm_tile(
     tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K1, K2, OH, OW,
@@ -185,13 +223,7 @@ def gemm_tile(
     EPILOGUE_SPLIT: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile, number ``tile`` in grouped order."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (tile // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % group) % group_m
-    pid_n = (tile % group) // group_m
+    pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # Row (pixel) indices are int32 (the launcher keeps M + BLOCK_M below 2**31); offsets are int64.
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -241,8 +273,70 @@ def gemm_tile(
 
 
 @triton.jit
+def accumulate_tma(acc, a_desc, w_desc, row0, col0, K, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += A[row0:, :K] @ W[col0:, :K]^T, tiles fetched by TMA (zeros past the matrices' edges)."""
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([row0, k * BLOCK_K])
+        w = w_desc.load([col0, k * BLOCK_K])
+        if INTERPRET:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w.T, acc)
+    return acc
+
+
+@triton.jit
+def finish_tma(acc, row0, col0, N, bias_ptr, r_desc, o_desc, out_dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """The epilogue of the output block at (row0, col0), the accumulator's shape: + bias + residual, ReLU,
+    one TMA store (which leaves out what lies past the output's edges)."""
+    if HAS_BIAS:
+        cols = (col0 + tl.arange(0, acc.shape[1])) % N
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += r_desc.load([row0, col0]).to(tl.float32)
+    o_desc.store([row0, col0], to_storage(relu_f32(acc, RELU_HW_MAX), out_dtype, INTERPRET))
+
+
+@triton.jit
+def gemm_tile_tma(
+    tile, a1_desc, w1_desc, a2_desc, w2_desc, r_desc, o_desc, bias_ptr, out_dtype: tl.constexpr, M, N, K1, K2,
+    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
+    RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
+):
+    """:func:`gemm_tile` for matrices (16-byte aligned rows, unit column stride) with TMA copies: no
+    address arithmetic per element, and the edges are the descriptors' (zero fill on loads, clipped
+    stores) instead of masks."""
+    pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    if PREFETCH_EPILOGUE and HAS_RESIDUAL:
+        residual = r_desc.load([row0, col0])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = accumulate_tma(acc, a1_desc, w1_desc, row0, col0, K1, BLOCK_K, INTERPRET)
+    if HAS_A2:
+        acc = accumulate_tma(acc, a2_desc, w2_desc, row0, col0, K2, BLOCK_K, INTERPRET)
+    if PREFETCH_EPILOGUE:
+        if HAS_RESIDUAL:
+            acc += residual.to(tl.float32)
+        finish_tma(acc, row0, col0, N, bias_ptr, r_desc, o_desc, out_dtype, HAS_BIAS, False, RELU_HW_MAX,
+                   INTERPRET)
+    elif EPILOGUE_SPLIT:
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        finish_tma(left, row0, col0, N, bias_ptr, r_desc, o_desc, out_dtype, HAS_BIAS, HAS_RESIDUAL,
+                   RELU_HW_MAX, INTERPRET)
+        finish_tma(right, row0, col0 + BLOCK_N // 2, N, bias_ptr, r_desc, o_desc, out_dtype, HAS_BIAS,
+                   HAS_RESIDUAL, RELU_HW_MAX, INTERPRET)
+    else:
+        finish_tma(acc, row0, col0, N, bias_ptr, r_desc, o_desc, out_dtype, HAS_BIAS, HAS_RESIDUAL, RELU_HW_MAX,
+                   INTERPRET)
+
+
+@triton.jit
 def gemm_add_relu_kernel(
     a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr,
+    a1_desc, w1_desc, a2_desc, w2_desc, r_desc, o_desc,
     M, N, K1, K2, OH, OW,
     a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk,
     a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
@@ -250,23 +344,37 @@ def gemm_add_relu_kernel(
     o_sn, o_sh, o_sw, o_sc,
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
     A1_LINEAR: tl.constexpr, A2_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
+    TMA_READY: tl.constexpr, DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
+    PERSISTENT: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program per tile, or with ``PERSISTENT`` (programs per SM, > 0) a fixed number of programs
     that step through the tiles. The persistent loop is flattened with the single product's K loop, so
     the pipeline loads the next tile's operands while this tile's epilogue runs; the epilogue operands
     are then loaded after the products (prefetched, they would stay live across the flattened loop: 500+
-    bytes of spills per thread on sm_90a)."""
+    bytes of spills per thread on sm_90a).
+
+    ``TMA``: the operands, residual and output are matrices with TMA descriptors (``*_desc``, built by the
+    launcher where ``TMA_READY``: sm_90+, 16-byte aligned rows; None otherwise), read and written by TMA
+    copies. ``TMA_READY`` itself only keys the autotuner (the TMA configs are pruned without it)."""
     if PERSISTENT > 0:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=not HAS_A2):
-            gemm_tile(tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2, OH, OW,
-                      a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
-                      r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
-                      False, A1_LINEAR, A2_LINEAR, R_LINEAR, O_LINEAR, DOT_PRECISION, RELU_HW_MAX, INTERPRET,
-                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
+            if TMA:
+                gemm_tile_tma(tile, a1_desc, w1_desc, a2_desc, w2_desc, r_desc, o_desc, bias_ptr,
+                              out_ptr.dtype.element_ty, M, N, K1, K2, HAS_A2, HAS_BIAS, HAS_RESIDUAL, False,
+                              RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
+            else:
+                gemm_tile(tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2, OH, OW,
+                          a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
+                          r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
+                          False, A1_LINEAR, A2_LINEAR, R_LINEAR, O_LINEAR, DOT_PRECISION, RELU_HW_MAX, INTERPRET,
+                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
+    elif TMA:
+        gemm_tile_tma(tl.program_id(0), a1_desc, w1_desc, a2_desc, w2_desc, r_desc, o_desc, bias_ptr,
+                      out_ptr.dtype.element_ty, M, N, K1, K2, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
+                      PREFETCH_EPILOGUE and not EPILOGUE_SPLIT, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+                      GROUP_M, EPILOGUE_SPLIT)
     else:
         gemm_tile(tl.program_id(0), a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2,
                   OH, OW, a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
@@ -278,7 +386,8 @@ def gemm_add_relu_kernel(
 def _autotuned(configs):
     # Tuned per problem size and per row addressing (a strided 1x1 convolution and a linear layer of the
     # same M, N, K run different code).
-    return triton.autotune(configs=configs, key=["M", "N", "K1", "K2", "A1_LINEAR", "A2_LINEAR", "O_LINEAR"],
+    return triton.autotune(configs=configs,
+                           key=["M", "N", "K1", "K2", "A1_LINEAR", "A2_LINEAR", "O_LINEAR", "TMA_READY"],
                            prune_configs_by={"early_config_prune": prune_configs})(gemm_add_relu_kernel)
 
 

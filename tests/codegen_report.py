@@ -53,6 +53,7 @@ def compile_variant(fn, args: dict, constexprs: dict, arch: int, num_warps: int,
         "global_loads": sorted(set(re.findall(r"\bld\.global[\w.]*", ptx))),
         "global_stores": sorted(set(re.findall(r"\bst\.global[\w.]*", ptx))),
         "mma": sorted(set(re.findall(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx))),
+        "tma": sorted(set(re.findall(r"\bcp\.async\.bulk\.tensor\.\w+\.[\w:]+", ptx))),
         "int_div64": len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx)),
         "int_div32": len(re.findall(r"\b(?:div|rem)\.[su]32\b", ptx)),
         "registers": num(r"Used (\d+) registers"),
@@ -93,6 +94,23 @@ def add_relu_variants():
                                divisible=("grad_ptr", "out_ptr", "mask_ptr", "gin_ptr", "numel")))
 
 
+def tma_descriptors(cfg, ptr: str, dual: bool) -> tuple[dict, dict]:
+    """(descriptor argument types, None descriptors as constexprs) of a launch with ``cfg``: TMA configs get
+    descriptors with their tiles (the autotuner's pre_hook sets those), every other config None, as the
+    launcher passes where TMA does not apply."""
+    names = ("a1_desc", "w1_desc", "a2_desc", "w2_desc", "r_desc", "o_desc")
+    if not cfg.kwargs["TMA"]:
+        return {}, dict.fromkeys(names)
+    bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    epilogue = (bm, bn // 2 if cfg.kwargs["EPILOGUE_SPLIT"] else bn)
+    blocks = dict(a1_desc=(bm, bk), w1_desc=(bn, bk), a2_desc=(bm, bk), w2_desc=(bn, bk), r_desc=epilogue,
+                  o_desc=epilogue)
+    if not dual:
+        del blocks["a2_desc"], blocks["w2_desc"]
+    types = {n: f"tensordesc<{ptr[1:]}[{b[0]}, {b[1]}]>" for n, b in blocks.items()}
+    return types, {n: None for n in names if n not in types}
+
+
 def gemm_variants():
     """The GEMM epilogue kernel as a linear layer would launch it (unit strides and OH = OW = 1 are
     specialised by triton at run time, so they are constexprs here), for every autotuning config."""
@@ -111,23 +129,26 @@ def gemm_variants():
                     continue
                 # Both products (every config); a single product too for the persistent configs, whose
                 # loop over tiles is flattened with the K loop only then.
-                for dual in (True, False) if cfg.kwargs["PERSISTENT"] else (True,):
-                    consts = dict(unit, HAS_A2=dual, HAS_BIAS=True, HAS_RESIDUAL=True,
-                                  PREFETCH_EPILOGUE=not dname.startswith("fp32"),
+                for dual in (True, False) if cfg.kwargs["PERSISTENT"] or cfg.kwargs["TMA"] else (True,):
+                    descs, no_descs = tma_descriptors(cfg, ptr, dual)
+                    consts = dict(unit, **no_descs, HAS_A2=dual, HAS_BIAS=True, HAS_RESIDUAL=True,
+                                  PREFETCH_EPILOGUE=not dname.startswith("fp32"), TMA_READY=cfg.kwargs["TMA"],
                                   DOT_PRECISION=precision, RELU_HW_MAX=True,
                                   INTERPRET=False, **cfg.kwargs)
-                    args = {n: ptr if n.endswith("_ptr") else "i32" for n in names if n not in consts}
-                    divisible = [n for n in args if n.endswith("_ptr")] + ["M", "N", "K1", "K2", "a1_sn", "w1_sn",
-                                                                             "a2_sn", "w2_sn", "r_sn", "o_sn"]
+                    args = {n: descs.get(n, ptr if n.endswith("_ptr") else "i32") for n in names if n not in consts}
+                    divisible = [n for n in args if n.endswith("_ptr")] + [n for n in (
+                        "M", "N", "K1", "K2", "a1_sn", "w1_sn", "a2_sn", "w2_sn", "r_sn", "o_sn") if n in args]
                     yield (f"gemm_add_relu/{dname}/sm{arch}/config{i}{'' if dual else '/single'}",
-                           lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: compile_variant(
-                               K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))
+                           lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: dict(compile_variant(
+                               K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d),
+                               tma_config=cfg.kwargs["TMA"]))
         # 1x1 convolutions over NHWC tensors (OH, OW and the pixel strides known at run time only), with the
         # 128x128 config: dense tensors (rows addressed linearly, as for a linear layer), and a dual product
         # whose shortcut is read at stride 2 (that operand's rows need the pixel divisions).
         cfg = K.CONFIG_SETS["16-bit"][1]
         for name, dual in (("conv-nhwc", False), ("conv-strided-shortcut", True)):
-            consts = dict(a1_sk=1, w1_sk=1, a2_sk=1, w2_sk=1, r_sc=1, o_sc=1, HAS_A2=dual, HAS_BIAS=True,
+            consts = dict(a1_sk=1, w1_sk=1, a2_sk=1, w2_sk=1, r_sc=1, o_sc=1, **tma_descriptors(cfg, "*bf16", dual)[1],
+                          HAS_A2=dual, HAS_BIAS=True, TMA_READY=False,
                           HAS_RESIDUAL=True, PREFETCH_EPILOGUE=True, A1_LINEAR=True, A2_LINEAR=not dual,
                           R_LINEAR=True, O_LINEAR=True, DOT_PRECISION="ieee", RELU_HW_MAX=True, INTERPRET=False,
                           **cfg.kwargs)

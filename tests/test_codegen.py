@@ -67,7 +67,21 @@ def test_ieee_fp32_gemm_stays_off_tensor_cores(report):
 
 def test_gemm_loads_are_vectorised(report):
     for name, v in _select(report, "gemm_add_relu/bf16/").items():
-        assert "ld.global.v4.b32" in v["global_loads"], (name, v["global_loads"])
+        if not v.get("tma_config"):
+            assert "ld.global.v4.b32" in v["global_loads"], (name, v["global_loads"])
+
+
+def test_tma_configs_move_tiles_by_tma_and_only_they_do(report):
+    """TMA configs (sm_90a, 16-bit) load operand and residual tiles into shared memory and store the output
+    with TMA bulk tensor copies, with no per-thread global store left; every other config uses none."""
+    gemm = _select(report, "gemm_add_relu/")
+    tma = {k: v for k, v in gemm.items() if v.get("tma_config")}
+    assert tma and all("/sm90/" in k and k.split("/")[1] in ("fp16", "bf16") for k in tma), sorted(tma)
+    for name, v in tma.items():
+        assert any(i.startswith("cp.async.bulk.tensor.2d.shared") for i in v["tma"]), (name, v["tma"])
+        assert any(i.startswith("cp.async.bulk.tensor.2d.global") for i in v["tma"]), (name, v["tma"])
+        assert not v["global_stores"], (name, v["global_stores"])
+    assert not any(v["tma"] for k, v in report.items() if k not in tma)
 
 
 # Shared memory one thread block may use: 227 KiB on sm_90 (H100/H200), 163 KiB on sm_80 (A100).

@@ -1,6 +1,8 @@
 """GEMM + bias + residual + ReLU ops: accuracy against fp64 (forward and every gradient), layouts, the ReLU
 kink, determinism, bad input, opcheck and torch.compile."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -120,23 +122,45 @@ def test_zero_width_operands_match_eager(device, backend):
             assert torch.allclose(g, e, atol=1e-5), (fn.__name__, [a.shape for a in args])
 
 
-def test_tf32_follows_torch_matmul_setting():
-    cuda = torch.device("cuda")
-    before = torch.backends.cuda.matmul.allow_tf32
+@contextlib.contextmanager
+def _fp32_matmul_precision(matmul: str, default: str = "none"):
+    """Set torch's fp32 matmul precision (torch.backends.cuda.matmul.fp32_precision, and the default it
+    defers to when "none") and restore both afterwards."""
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert gemm_ops.dot_precision(torch.float32, cuda) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert gemm_ops.dot_precision(torch.float32, cuda) == "tf32"
-        assert gemm_ops.dot_precision(torch.bfloat16, cuda) == "ieee"  # fp16/bf16 use tensor cores anyway
-        assert gemm_ops.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+        torch.backends.fp32_precision = default
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.fp32_precision = before[1]
+        torch.backends.cuda.matmul.fp32_precision = before[0]
+
+
+def test_tf32_follows_torch_matmul_setting():
+    """TF32 exactly where torch's own matmul would use it, set through either API (reading the legacy
+    allow_tf32 flag raises once the new one has been used)."""
+    cuda = torch.device("cuda")
+    with _fp32_matmul_precision("none"):
+        assert gemm_ops.dot_precision(torch.float32, cuda) == "ieee"  # PyTorch's default
+        before = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            assert gemm_ops.dot_precision(torch.float32, cuda) == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = False
+            assert gemm_ops.dot_precision(torch.float32, cuda) == "ieee"
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    for matmul, default, expected in (("tf32", "none", "tf32"), ("ieee", "tf32", "ieee"), ("none", "tf32", "tf32"),
+                                      ("none", "ieee", "ieee")):
+        with _fp32_matmul_precision(matmul, default):
+            assert gemm_ops.dot_precision(torch.float32, cuda) == expected, (matmul, default)
+            assert gemm_ops.dot_precision(torch.bfloat16, cuda) == "ieee"  # fp16/bf16 use tensor cores anyway
+            assert gemm_ops.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
 
 
 @pytest.mark.cuda
 def test_fp32_without_tf32_is_ieee_accurate():
-    assert not torch.backends.cuda.matmul.allow_tf32  # PyTorch's default
+    assert gemm_ops.dot_precision(torch.float32, torch.device("cuda")) == "ieee"  # PyTorch's default
     x = torch.randn(512, 1024, device="cuda")
     w = torch.randn(256, 1024, device="cuda")
     r = torch.randn(512, 256, device="cuda")
@@ -173,6 +197,116 @@ def test_autocast_runs_in_the_autocast_dtype(device, backend):
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("bias_kind", ["sliced", "expanded"])
+def test_bias_views_are_read_at_their_strides(device, backend, bias_kind):
+    """A bias that is a strided slice or an expanded scalar: each backend reads it as eager does (the Triton
+    kernel used to read bias[n] at bias_ptr + n)."""
+    x, w, r = torch.randn(9, 12, device=device), torch.randn(10, 12, device=device) / 4, torch.randn(9, 10, device=device)
+    b = torch.randn(20, device=device)[::2] if bias_kind == "sliced" else torch.randn(1, device=device).expand(10)
+    xc = torch.randn(2, 12, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    rc = torch.randn(2, 10, 3, 3, device=device)
+    with fr.use_backend(backend), poisoned():
+        outs = fr.linear_add_relu(x, w, r, b), fr.conv1x1_add_relu(xc, w[..., None, None], rc, b)
+    refs = reference.linear_add_relu, reference.conv1x1_add_relu
+    for out, ref, args in zip(outs, refs, ((x, w, r, b), (xc, w[..., None, None], rc, b))):
+        assert_close_to_ref(out, ref(*args), ref(*(a.double() for a in args)), f"{ref.__name__} {bias_kind}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("case", ["linear-3d-bias", "dual-linear", "conv-cl-s2"])
+def test_outputs_can_be_modified_in_place(device, backend, case):
+    """As with eager's outputs: in-place ops on the result work (a linear op's output used to be a view of
+    its internal [M, N] matrix, which autograd refuses to let change), and a backward through the changed
+    output then fails as eager's does (both keep the output for the ReLU gate)."""
+    base = _build(case, torch.float32, device)
+    (fn, ref, _), _, _ = CASES[case]
+    for f, use in ((fn, backend), (ref, "eager")):
+        args = verify.leaf_copies(base)
+        with fr.use_backend(use):
+            out = f(*args)
+        out.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    with fr.use_backend(backend), torch.no_grad():
+        out = fn(*base)
+        assert not out._is_view()
+        out.detach_().mul_(2)
+        assert_close_to_ref(out, 2 * ref(*base), 2 * ref(*(a.double() if isinstance(a, torch.Tensor) else a
+                                                              for a in base)), case)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_only_operands_a_gradient_needs_are_saved(device, backend):
+    """As eager: with only the residual needing a gradient, x and the weight may change in place after the
+    forward, and may be inference tensors; a frozen weight may be updated in place before backward."""
+    with torch.inference_mode():
+        xi, wi = torch.randn(6, 8, device=device), torch.randn(5, 8, device=device)
+    x, w = torch.randn(6, 8, device=device), torch.randn(5, 8, device=device)
+    r = torch.randn(6, 5, device=device, requires_grad=True)
+    with fr.use_backend(backend):
+        fr.linear_add_relu(xi, wi, r).sum().backward()
+        out = fr.linear_add_relu(x, w, r)
+        x.add_(1.0)
+        w.mul_(2.0)
+        out.sum().backward()
+        xg = torch.randn(6, 8, device=device, requires_grad=True)
+        out = fr.linear_add_relu(xg, w, r)
+        xg.data.zero_()  # x's gradient needs the weight, not x
+        out.sum().backward()
+        xc = torch.randn(1, 8, 3, 3, device=device, requires_grad=True)
+        wc = torch.randn(5, 8, 1, 1, device=device)
+        out = fr.conv1x1_add_relu(xc, wc, torch.randn(1, 5, 3, 3, device=device))
+        out.sum().backward()
+    assert xg.grad is not None and xc.grad is not None and r.grad is not None
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("case", ["linear-3d-bias", "dual-linear", "conv-cl-s2", "dual-conv-s2"])
+def test_double_backward_matches_eager(device, backend, case):
+    """create_graph=True: the gradient's own gradient (through the masked-gradient op's autograd) as eager's.
+    The output is weighted by random values that vanish near the ReLU kink, where rounding may flip the
+    gate."""
+    (fn, ref, weight_idx), build, _ = CASES[case]
+    base = build(torch.float32, device)
+    pre = verify.pre_activation(ref, weight_idx, verify.leaf_copies(base, torch.float64))
+    weights = torch.where(pre.abs() < 1e-3 * max(1.0, pre.abs().max().item()), 0.0, torch.randn_like(pre)).float()
+
+    def second_order(f, use):
+        args = verify.leaf_copies(base)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        with fr.use_backend(use):
+            grads = torch.autograd.grad((f(*args) * weights).sum(), tensors, create_graph=True)
+            total = sum((g * g).sum() for g in grads)
+            return torch.autograd.grad(total, tensors, allow_unused=True)
+
+    got = second_order(fn, backend)
+    want = second_order(ref, "eager")
+    for g, e in zip(got, want):
+        if e is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, e, rtol=2e-4, atol=2e-4 * max(1.0, e.abs().max().item()))
+
+
+def test_public_functions_run_on_meta_tensors():
+    """Shape inference (deferred initialisation, FSDP) through the public functions and the MLP block."""
+    m = dict(device="meta")
+    assert fr.linear_add_relu(torch.empty(4, 8, **m), torch.empty(6, 8, **m), torch.empty(4, 6, **m)).shape == (4, 6)
+    out = fr.conv1x1_add_relu(torch.empty(2, 8, 5, 5, **m), torch.empty(6, 8, 1, 1, **m), torch.empty(2, 6, 3, 3, **m),
+                              stride=2)
+    assert out.shape == (2, 6, 3, 3) and out.is_meta
+    assert fr.nn.ResidualBlock(8, 16).to("meta")(torch.empty(3, 8, **m)).shape == (3, 16)
+
+
+def test_autocast_leaves_float64_alone():
+    """As F.linear under autocast: float64 is not cast down (it is then refused by name, not silently run in
+    bf16)."""
+    x, w, r = torch.randn(4, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), torch.randn(4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="float64"):
+        fr.linear_add_relu(x, w, r.double())
 
 
 def test_bad_input_names_the_shapes():
@@ -338,6 +472,129 @@ def test_forced_config_covers_every_tile(device, backend, tile, persistent, dual
     assert_close_to_ref(out, ref(*args), ref(*(a.double() for a in args)), f"tile {tile}")
 
 
+def _aligned_rows(rows: int, cols: int, dtype, device, scale: float = 1.0) -> torch.Tensor:
+    """A rows x cols view whose rows start 16 bytes apart or a multiple of it (TMA's requirement) while
+    ``cols`` need not be a multiple of 8: a slice of wider random storage."""
+    wide = cols + 8 + (-cols % 8)
+    return (torch.randn(rows, wide, device=device) * scale).to(dtype)[:, :cols]
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("persistent", [0, 1], ids=lambda p: f"persistent{p}")
+@pytest.mark.parametrize("form", ["single", "dual", "conv-nhwc"])
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_tma_configs_at_the_edges(device, backend, dtype, persistent, form, split):
+    """TMA configs over M, N, K that no tile divides, on tensors whose rows are padded: the descriptors'
+    zero fill past each matrix's edge must not leak into the products, their clipped stores must leave
+    the output's padding alone (poisoned here), and the result must meet the accuracy rule."""
+    from fused_residual import _triton
+
+    config = _triton.kernels("gemm_add_relu").make_config(32, 32, 16, 2, 4, group=2, persistent=persistent,
+                                                          split=split, tma=True)
+    m, n, k1, k2 = 3 * 32 + 5, 2 * 32 + 3, 16 + 7, 2 * 16 + 1
+    x, s = _aligned_rows(m, k1, dtype, device), _aligned_rows(m, k2, dtype, device)
+    w, ws = _aligned_rows(n, k1, dtype, device, 1 / 6), _aligned_rows(n, k2, dtype, device, 1 / 6)
+    r, b = _aligned_rows(m, n, dtype, device), torch.randn(n, device=device).to(dtype)
+    storage = torch.full((m, n + 5), float("nan"), device=device, dtype=dtype)
+    out = storage[:, :n]
+    if form == "dual":
+        operands, residual = [gemm_ops.Operand(x, w), gemm_ops.Operand(s, ws)], None
+        args, ref = (x, w, s, ws, b), reference.dual_linear_add_relu
+    elif form == "single":
+        operands, residual = [gemm_ops.Operand(x, w)], r
+        args, ref = (x, w, r, b), reference.linear_add_relu
+    else:  # dense NHWC 1x1 convolution: 101 pixels as 1 x 1 x 101 images; rows are pixels, padded
+        nhwc = lambda t: t.unsqueeze(0).unsqueeze(0).permute(0, 3, 1, 2)  # [1, C, 1, P], channels last
+        out, x4, r4 = nhwc(out), nhwc(x), nhwc(r)
+        operands, residual = [gemm_ops.Operand(x4, w.unsqueeze(-1).unsqueeze(-1))], r4
+        args, ref = (x4, w.unsqueeze(-1).unsqueeze(-1), r4, b), reference.conv1x1_add_relu
+    assert gemm_ops.tma_descriptors(operands, residual, out, linear=True) is not None
+    gemm_ops._triton_gemm(operands, b, residual, out, config=config)
+    assert storage[:, n:].isnan().all(), "a TMA store wrote past the output's edge"
+    assert_close_to_ref(out, ref(*args), ref(*(a.double() for a in args)), f"{form} {config}")
+
+
+def test_tma_applies_to_aligned_16_bit_matrices_only():
+    """Descriptors exist exactly where TMA can address every tensor; elsewhere the launcher passes None
+    (the autotuner then prunes the TMA configs) and a forced TMA config is refused by name."""
+    from fused_residual import _triton
+
+    def descs(x, w, r, out=None, linear=True):
+        out = torch.empty(r.shape, dtype=r.dtype) if out is None else out
+        return gemm_ops.tma_descriptors([gemm_ops.Operand(x, w)], r, out, linear)
+
+    bf = dict(dtype=torch.bfloat16)
+    x, w, r = torch.randn(40, 64, **bf), torch.randn(24, 64, **bf), torch.randn(40, 24, **bf)
+    found = descs(x, w, r)
+    assert found is not None and len(found) == 6 and found[2] is None and found[3] is None
+    assert [d.shape for d in found if d is not None] == [[40, 64], [24, 64], [40, 24], [40, 24]]
+    assert descs(x.float(), w.float(), r.float()) is None  # fp32: the TF32 / IEEE lists have no TMA configs
+    assert descs(x, w, r, linear=False) is None  # pixel rows not evenly laid out (strided convolutions)
+    assert descs(x[:, :60], w[:, :60], r) is not None  # sliced K: rows still 128 bytes apart
+    assert descs(x[:, :7].contiguous(), w[:, :7].contiguous(), r) is None  # rows 14 bytes apart
+    assert descs(x[:, 1:], w[:, 1:], r) is None  # data starts 2 bytes past an alignment boundary
+    assert descs(x.t().contiguous().t(), w, r) is None  # K not the adjacent dimension
+    assert descs(x, w, r, out=torch.empty(40, 25, **bf)[:, :24]) is None  # output rows 50 bytes apart
+    cfg = _triton.kernels("gemm_add_relu").make_config(32, 32, 16, 2, 4, tma=True)
+    with pytest.raises(ValueError, match="TMA"):
+        gemm_ops._triton_gemm([gemm_ops.Operand(x[:, 1:], w[:, 1:])], None, r, torch.empty(40, 24, **bf),
+                              config=cfg)
+
+
+@pytest.mark.parametrize("winner", ["tma", "pointers"])
+def test_autotuned_launch_builds_descriptors_only_while_tma_may_run(monkeypatch, winner):
+    """The autotuned path (driven here under the interpreter with a stand-in for the timing): descriptors
+    are built while the TMA configs are candidates, the chosen config runs correctly, and once a pointer
+    config has won for a problem its later calls skip building descriptors. Tensors TMA cannot address
+    never have the TMA configs timed."""
+    from fused_residual import _triton
+
+    if not _triton.interpreting():
+        pytest.skip("drives the autotuner under the Triton interpreter")
+    K = _triton.kernels("gemm_add_relu")
+    tuner = K._autotuned([K.make_config(32, 32, 16, 2, 4, group=2),
+                          K.make_config(32, 32, 16, 2, 4, group=2, split=True, tma=True)])
+    timed = []
+
+    def fake_bench(*args, config, **meta):  # the winner is the fastest; nothing runs while "timing"
+        timed.append(config.kwargs["TMA"])
+        return [1.0 if config.kwargs["TMA"] == (winner == "tma") else 2.0] * 3
+
+    monkeypatch.setattr(tuner, "_bench", fake_bench)
+    monkeypatch.setitem(K.AUTOTUNED, "16-bit", tuner)
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)  # fp16: the compiled-kernel code path runs
+    monkeypatch.setattr(gemm_ops, "_TUNED_WITHOUT_TMA", set())
+    built = []
+    real = gemm_ops.tma_descriptors
+    monkeypatch.setattr(gemm_ops, "tma_descriptors", lambda *a: built.append(real(*a)) or built[-1])
+    m, n, k = 70, 48, 40
+    x, w = torch.randn(m, k).half(), (torch.randn(n, k) / 6).half()
+    r, b = torch.randn(m, n).half(), torch.randn(n).half()
+    for call in range(3):
+        with poisoned():
+            out = gemm_ops._alloc.empty((m, n), x)
+        gemm_ops._triton_gemm([gemm_ops.Operand(x, w)], b, r, out)
+        args = (x, w, r, b)
+        assert_close_to_ref(out, reference.linear_add_relu(*args),
+                            reference.linear_add_relu(*(a.double() for a in args)), f"call {call}")
+    assert sorted(timed) == [False, True]  # tuned once, both candidates
+    assert tuner.best_config.kwargs["TMA"] == (winner == "tma")
+    assert len(built) == (3 if winner == "tma" else 1) and all(d is not None for d in built)
+    assert len(gemm_ops._TUNED_WITHOUT_TMA) == (winner == "pointers")
+    # Rows 2 bytes off alignment, same problem size: after a TMA win, no descriptors, so a separate tuning
+    # (autotuner key TMA_READY false) among the pointer configs only; after a pointer win, the same key.
+    timed.clear()
+    xs = torch.randn(m, k + 1).half()[:, 1:]
+    gemm_ops._triton_gemm([gemm_ops.Operand(xs, w)], b, r, out)
+    if winner == "tma":
+        assert built[-1] is None and len(built) == 4 and True not in timed
+    else:
+        assert len(built) == 1 and timed == []
+    args = (xs, w, r, b)
+    assert_close_to_ref(out, reference.linear_add_relu(*args), reference.linear_add_relu(*(a.double() for a in args)))
+
+
 def test_autotune_choices_lists_each_tuned_key(monkeypatch):
     from fused_residual import _triton
 
@@ -363,7 +620,10 @@ def test_config_sets_follow_operand_size_and_precision():
     # TF32 tiles: the 16-bit tiles with half as deep K steps (fp32 operands take twice the shared memory)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_K"]) for c in K.TF32_CONFIGS] == \
         [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in K.CONFIGS
-         if not c.kwargs["PERSISTENT"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+         if not (c.kwargs["PERSISTENT"] or c.kwargs["TMA"]) and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    # TMA configs (and their block-shape hook) only where the operands are 16-bit
+    assert any(c.kwargs["TMA"] and c.pre_hook is K.set_tma_blocks for c in K.CONFIGS)
+    assert not any(c.kwargs["TMA"] or c.pre_hook for name in ("tf32", "ieee fp32") for c in K.CONFIG_SETS[name])
 
 
 def test_hopper_only_configs_are_pruned_before_sm90(monkeypatch):
@@ -371,15 +631,23 @@ def test_hopper_only_configs_are_pruned_before_sm90(monkeypatch):
 
     K = _triton.kernels("gemm_add_relu")
     persistent = [c for c in K.CONFIGS if c.kwargs["PERSISTENT"]]
-    assert persistent and all(K.runs_on(c, (9, 0)) and not K.runs_on(c, (8, 0)) for c in persistent)
     wide = [c for c in K.CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128]
-    assert wide and all(K.runs_on(c, (9, 0)) and not K.runs_on(c, (8, 6)) for c in wide)
-    assert sum(K.runs_on(c, (8, 0)) for c in K.CONFIGS) == len(K.CONFIGS) - len(persistent) - len(wide)
-    args = {"M": 100000, "N": 256, "K1": 64, "K2": 0, "out_ptr": torch.empty(1, device="meta")}
+    tma = [c for c in K.CONFIGS if c.kwargs["TMA"]]
+    hopper = {id(c) for c in persistent + wide + tma}
+    assert persistent and wide and tma
+    assert all(K.runs_on(c, (9, 0)) and not K.runs_on(c, (8, 6)) and not K.runs_on(c, (8, 0))
+               for c in persistent + wide + tma)
+    assert sum(K.runs_on(c, (8, 0)) for c in K.CONFIGS) == len(K.CONFIGS) - len(hopper) > 0
+    args = {"M": 100000, "N": 256, "K1": 64, "K2": 0, "out_ptr": torch.empty(1, device="meta"), "TMA_READY": True}
     for cap, expect in (((8, 0), False), ((9, 0), True)):
         monkeypatch.setattr(K, "_capability", lambda t, cap=cap: cap)
         kept = K.prune_configs(K.CONFIGS, args)
         assert kept and any(c.kwargs["PERSISTENT"] for c in kept) == expect, cap
+        assert any(c.kwargs["TMA"] for c in kept) == expect, cap
+    # without descriptors (fp32, misaligned rows, strided convolutions) no TMA config is tried
+    args["TMA_READY"] = False
+    kept = K.prune_configs(K.CONFIGS, args)
+    assert kept and not any(c.kwargs["TMA"] for c in kept) and any(c.kwargs["PERSISTENT"] for c in kept)
     args.update(M=8, N=8, K1=8)  # smaller than every tile: the smallest usable config
     monkeypatch.setattr(K, "_capability", lambda t: (8, 0))
     (only,) = K.prune_configs(K.CONFIGS, args)
@@ -412,16 +680,15 @@ def test_every_shipped_config_is_accurate_on_cuda(config_set, index, dual):
     precision = {"16-bit": "ieee", "tf32": "tf32", "ieee fp32": "ieee"}[config_set]
     m, n, k1, k2 = 1000, 300, 200, 72
     dev = "cuda"
+    # rows 16-byte aligned (padded where N is not a multiple of 8), so that the TMA configs apply too
     x, s = torch.randn(m, k1, device=dev, dtype=dtype), torch.randn(m, k2, device=dev, dtype=dtype)
     w = (torch.randn(n, k1, device=dev) / 14).to(dtype)
     ws = (torch.randn(n, k2, device=dev) / 9).to(dtype)
-    r, b = torch.randn(m, n, device=dev, dtype=dtype), torch.randn(n, device=dev, dtype=dtype)
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
+    r, b = _aligned_rows(m, n, dtype, dev), torch.randn(n, device=dev, dtype=dtype)
+    with _fp32_matmul_precision(precision):
         assert gemm_ops.dot_precision(dtype, torch.device(dev)) == precision
-        with poisoned():
-            out = gemm_ops._alloc.empty((m, n), x)
+        storage = torch.full((m, n + 4), float("nan"), device=dev, dtype=dtype)
+        out = storage[:, :n]
         if dual:
             args, ref = (x, w, s, ws, b), reference.dual_linear_add_relu
             gemm_ops._triton_gemm([gemm_ops.Operand(x, w), gemm_ops.Operand(s, ws)], b, None, out, config=config)
@@ -429,9 +696,8 @@ def test_every_shipped_config_is_accurate_on_cuda(config_set, index, dual):
             args, ref = (x, w, r, b), reference.linear_add_relu
             gemm_ops._triton_gemm([gemm_ops.Operand(x, w)], b, r, out, config=config)
         torch.cuda.synchronize()
+        assert storage[:, n:].isnan().all(), "stored past the output's edge"
         assert_close_to_ref(out, ref(*args), ref(*(a.double() for a in args)), f"{config_set} {config}")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_pixel_stride_recognises_evenly_laid_out_pixels():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fused_residual as fr
+from fused_residual import reference
 from fused_residual import verify
 from helpers import assert_bitwise_equal, device_backend_params
 
@@ -104,6 +105,52 @@ def test_compile_inplace_with_autograd():
     assert_bitwise_equal(out.detach(), ref.detach())
     assert_bitwise_equal(a.grad, ae.grad)
     assert_bitwise_equal(skip.grad, se.grad)
+
+
+def test_inplace_op_refuses_tensors_that_need_gradients():
+    """The mutating op records no backward: called directly on tensors that need gradients it raises (it
+    used to leave z's old grad_fn in place, and the gradient skipped the ReLU); without grad mode, or
+    through fused_residual.add_relu_, it runs."""
+    a, skip = torch.randn(50, requires_grad=True), torch.randn(50)
+    for z, s in ((a * 2, skip), (torch.randn(50), skip.clone().requires_grad_())):
+        with pytest.raises(RuntimeError, match="fused_residual.add_relu_, which does"):
+            torch.ops.fused_residual.add_relu_(z, s)
+    z = a.detach() * 2
+    expected = torch.relu(z + skip)
+    with torch.no_grad():
+        torch.ops.fused_residual.add_relu_(a * 2, skip)
+    torch.ops.fused_residual.add_relu_(z, skip)
+    assert_bitwise_equal(z, expected)
+    out = fr.add_relu_(a * 2, skip)
+    out.backward(torch.ones_like(out))
+    assert_bitwise_equal(a.grad, 2 * (expected > 0).float())
+
+
+@pytest.mark.filterwarnings("ignore:fused_residual.*eager formulas")
+def test_transforms_compute_with_the_eager_formulas():
+    """Forward-mode AD and torch.func transforms, which the custom ops have no rules for (forward AD used to
+    drop the tangent silently, torch.func.grad to fail): the public functions give eager's results, with
+    a warning that the call is not fused."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, r = torch.randn(5, 8), torch.randn(6, 8), torch.randn(5, 6)
+    z, skip = torch.randn(7, 3), torch.randn(7, 3)
+    cases = [(fr.linear_add_relu, reference.linear_add_relu, lambda w_: (x, w_, r), w),  # differentiated in w
+             (fr.add_relu, reference.add_relu, lambda z_: (z_, skip), z)]  # in z
+    for fn, ref, args, primal in cases:
+        tangent = torch.randn_like(primal)
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(fn(*args(fwAD.make_dual(primal, tangent)))).tangent
+        want = torch.func.jvp(lambda p: ref(*args(p)), (primal,), (tangent,))[1]
+        assert got is not None and torch.allclose(got, want), fn.__name__
+        assert torch.allclose(torch.func.jvp(lambda p: fn(*args(p)), (primal,), (tangent,))[1], want)
+        g = torch.func.grad(lambda p: fn(*args(p)).sum())(primal)
+        assert torch.allclose(g, torch.func.grad(lambda p: ref(*args(p)).sum())(primal)), fn.__name__
+        batched = torch.func.vmap(lambda p: fn(*args(p)))(torch.stack([primal, 2 * primal]))
+        assert torch.allclose(batched[1], ref(*args(2 * primal))), fn.__name__
+    assert torch.equal(torch.func.grad(lambda a: fr.add_relu_(a * 1.0, skip).sum())(z), (z + skip > 0).float())
+    with pytest.warns(UserWarning, match="eager formulas"), fwAD.dual_level():
+        fr.linear_add_relu(x, fwAD.make_dual(w, torch.randn_like(w)), r)
 
 
 def test_export_round_trip():

@@ -6,14 +6,17 @@ ops whose kernels may take a few (``fused-residual bench overhead`` measures bot
 functions therefore run the same implementation and the same autograd formulas through a
 ``torch.autograd.Function`` when nothing but autograd needs to see the call: :func:`plain_eager` says when
 that is. Everywhere else (torch.compile and torch.export tracing, torch.jit.trace, fake / functional /
-subclass / meta tensors, lazily negated or conjugated views, vmap and other functorch transforms, forward-
-mode AD, TorchFunction and TorchDispatch modes, the profiler) they call ``torch.ops.fused_residual.*``, so
-compiled graphs, exported programs and traces see the registered ops. (``torch.set_default_device``
+subclass / meta tensors, lazily negated or conjugated views, TorchFunction and TorchDispatch modes, the
+profiler) they call ``torch.ops.fused_residual.*``, so compiled graphs, exported programs and traces see the
+registered ops. Under forward-mode AD and functorch transforms (vmap, torch.func.grad / jvp), which the ops
+have no rules for, they compute with the eager formulas of ``fused_residual.reference``. (``torch.set_default_device``
 installs a TorchFunction mode, so under it every call takes the registered op.) Both paths run the same
 code on the same backend, so their results are bit-identical (tests/test_registration.py checks it).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -57,11 +60,25 @@ def _tensors(args):
     return [a for a in args if isinstance(a, torch.Tensor)]
 
 
-def run(op, fn: type[torch.autograd.Function], impl, *args):
+def transformed() -> bool:
+    """Whether forward-mode AD or a functorch transform (``torch.func.grad``/``jvp``/``vmap``/...) is active
+    outside compilation: the custom ops have no forward-mode or functorch rules (forward AD would drop the
+    tangent without a word, ``torch.func.grad`` fails), so the public functions compute those calls with
+    the eager formulas, which every transform handles."""
+    return not torch.compiler.is_compiling() and (
+        torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0)
+
+
+def run(op, fn: type[torch.autograd.Function], impl, reference, *args):
     """A public function's call: ``op`` (the registered op) unless :func:`plain_eager`; there ``fn`` when
-    autograd has to record the call, else ``impl`` itself."""
+    autograd has to record the call, else ``impl`` itself. Under a transform (:func:`transformed`):
+    ``reference``, the eager formula, with a warning (once per call site) that the call is not fused."""
     tensors = _tensors(args)
     if not plain_eager(*tensors):
+        if transformed():
+            warnings.warn(f"fused_residual: {op} under forward-mode AD or a torch.func transform runs the eager "
+                          "formulas (the fused ops have no rules for those)", stacklevel=3)
+            return reference(*args)
         return op(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return fn.apply(*args)

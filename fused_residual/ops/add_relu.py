@@ -310,6 +310,21 @@ class AddReLUInplace(torch.autograd.Function):
         return gin, gin
 
 
+def _add_relu_inplace_autograd(keyset, z, skip):
+    """The op's autograd kernel. A mutating custom op records no backward, so a direct
+    ``torch.ops.fused_residual.add_relu_`` call on tensors that need gradients would leave z with its old
+    grad_fn and backpropagate as if no ReLU had run. It is refused instead: ``fused_residual.add_relu_``
+    records the backward (:class:`AddReLUInplace`, which calls the op with grad mode off)."""
+    if torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
+        raise RuntimeError("torch.ops.fused_residual.add_relu_ records no backward, and z or skip requires grad: "
+                           "call fused_residual.add_relu_, which does")
+    return torch.ops.fused_residual.add_relu_.default.redispatch(keyset & torch._C._after_autograd_keyset, z, skip)
+
+
+_autograd_lib = torch.library.Library("fused_residual", "IMPL")
+_autograd_lib.impl("add_relu_", _add_relu_inplace_autograd, "Autograd", with_keyset=True)
+
+
 # The eager fast path of the two forward ops (fused_residual.ops._direct): the same implementation and
 # autograd formulas without the dispatcher round trips.
 AddReLU = _direct.function("add_relu", _add_relu, _setup_output, _backward_output)

@@ -28,7 +28,6 @@ import contextlib
 import contextvars
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Optional  # custom-op signatures: Optional, which every torch's infer_schema knows
 
@@ -116,12 +115,18 @@ def grid_of(out: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 products use TF32 only where PyTorch's matmul would (``torch.backends.cuda.matmul.allow_tf32``)."""
+    """fp32 products use TF32 only where PyTorch's matmul would: ``torch.backends.cuda.matmul.fp32_precision``
+    (``"none"`` defers to ``torch.backends.fp32_precision``), which the legacy ``allow_tf32`` flag also sets.
+    (Reading ``allow_tf32`` raises once the new setting has been used.)"""
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch steers towards fp32_precision; allow_tf32 still answers
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # a torch before the fp32_precision settings
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,12 +142,53 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    """Whether the GPU has the Tensor Memory Accelerator (sm_90+). Under the interpreter (CPU tensors) the
+    TMA configs run too, as the tests force them."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def tma_descriptors(operands: list[Operand], residual, out, linear: bool) -> list | None:
+    """Descriptors (a1, w1, a2, w2, residual, out; None for absent tensors) for the TMA configs, or None
+    where those do not apply: before sm_90, with fp32 operands, with some tensor's pixel rows not evenly
+    laid out (``linear`` false: strided convolutions), or rows TMA cannot address (they must start
+    16-byte aligned, with adjacent columns). The tiles are placeholders: the config's pre_hook sets them."""
+    if not linear or out.element_size() > 2 or not _has_tma(out.device):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, N, OH, OW = grid_of(out)
+    images = M // (OH * OW)
+    matrices = []
+    for op in operands:
+        a_st = _rows_linear(op.a_strides(), images, OH, OW)[0]
+        matrices += [(op.x, M, op.k, a_st[0], a_st[3]), (op.weight, N, op.k, *op.w_strides())]
+    matrices += [None] * (4 - len(matrices))
+    for t in (residual, out):
+        st = _rows_linear(mn_strides(t), images, OH, OW)[0] if t is not None else None
+        matrices.append((t, M, N, st[0], st[3]) if t is not None else None)
+    descs = []
+    for m in matrices:
+        if m is None:
+            descs.append(None)
+            continue
+        t, rows, cols, row_stride, col_stride = m
+        if (col_stride != 1 or (row_stride * t.element_size()) % 16 or t.data_ptr() % 16 or not rows or not cols
+                or (rows > 1 and row_stride < cols)):  # rows must not overlap (an expanded tensor's do)
+            return None
+        descs.append(TensorDescriptor(t, [rows, cols], [row_stride, 1], [16, 16]))
+    return descs
+
+
 def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> None:
     """out = relu(products + bias + residual) by the Triton kernel: autotuned, or with ``config`` (a
     ``triton.Config``) when given (benchmarks/sweep_gemm.py times each config that way)."""
     M, N, OH, OW = grid_of(out)
     if M == 0 or N == 0:
         return
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[n] at bias_ptr + n (a sliced or expanded bias: copied)
     K = _triton.kernels("gemm_add_relu")
     a1 = operands[0]
     a2 = operands[1] if len(operands) > 1 else None
@@ -155,18 +201,27 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
     r_st, r_lin = _rows_linear(mn_strides(residual), images, OH, OW) if residual is not None \
         else ((0, 0, 0, 0), True)
     o_st, o_lin = _rows_linear(mn_strides(out), images, OH, OW)
+    linear = a1_lin and a2_lin and r_lin and o_lin
     args = [
         a1.x, a1.weight, a2.x if a2 else a1.x, a2.weight if a2 else a1.weight,
         bias if bias is not None else out, residual if residual is not None else out, out,
+        None, None, None, None, None, None,  # TMA descriptors, where a TMA config may run (below)
         M, N, a1.k, a2.k if a2 else 0, OH, OW,
         *a1_st, *a1.w_strides(), *a2_st, *(a2.w_strides() if a2 else (0, 0)), *r_st, *o_st,
     ]
     flags = dict(HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                 A1_LINEAR=a1_lin, A2_LINEAR=a2_lin, R_LINEAR=r_lin, O_LINEAR=o_lin,
+                 A1_LINEAR=a1_lin, A2_LINEAR=a2_lin, R_LINEAR=r_lin, O_LINEAR=o_lin, TMA_READY=False,
                  PREFETCH_EPILOGUE=out.element_size() <= 2,
                  DOT_PRECISION=dot_precision(out.dtype, out.device),
                  RELU_HW_MAX=relu_uses_hw_max(out.device), INTERPRET=interpret)
     configs = K.config_set(out.element_size(), flags["DOT_PRECISION"])
+
+    def with_descriptors() -> bool:
+        descs = tma_descriptors(operands, residual, out, linear)
+        if descs is not None:
+            args[7:13] = descs
+        flags["TMA_READY"] = descs is not None
+        return descs is not None
 
     def grid(meta):
         tiles = _triton.cdiv(M, meta["BLOCK_M"]) * _triton.cdiv(N, meta["BLOCK_N"])
@@ -181,10 +236,31 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
             # Without a config: the first of the list, untuned. The CUDA test run sets this, as autotuning
             # each of its many tiny shapes would cost more than the tests themselves.
             cfg = config or K.CONFIG_SETS[configs][0]
+            if cfg.kwargs["TMA"]:
+                if not with_descriptors():
+                    raise ValueError(f"config {cfg} moves tensors by TMA, which these tensors or this device "
+                                     "do not allow (sm_90+, 16-bit matrices with 16-byte aligned rows)")
+                K.set_tma_blocks({**dict(zip(K.gemm_add_relu_kernel.arg_names, args)), **cfg.kwargs})
             K.gemm_add_relu_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages)
         else:
-            K.AUTOTUNED[configs][grid](*args, **flags)
+            tuner = K.AUTOTUNED[configs]
+            key = (configs, M, N, a1.k, a2.k if a2 else 0, a1_lin, a2_lin, o_lin, out.dtype, out.device)
+            if key in _TUNED_WITHOUT_TMA:
+                # Tuned with the TMA configs among the candidates, and a pointer config won: the same
+                # autotuner key (TMA_READY), without the cost of building descriptors it will not read.
+                flags["TMA_READY"] = True
+            elif with_descriptors():
+                tuner[grid](*args, **flags)
+                if not tuner.best_config.kwargs["TMA"]:
+                    _TUNED_WITHOUT_TMA.add(key)
+                return
+            tuner[grid](*args, **flags)
+
+
+# Problems (config list, M, N, K1, K2, row addressing, dtype, device) that were tuned with descriptors and
+# chose a config without TMA: later calls skip building descriptors (several microseconds of host time).
+_TUNED_WITHOUT_TMA: set = set()
 
 
 def autotune_choices() -> list[str]:
@@ -446,6 +522,12 @@ def _rows_out(x: torch.Tensor, n: int):
     return new_out
 
 
+def _unviewed(rows: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The [M, N] result in x's leading shape, as a tensor of its own rather than a view of the op's
+    internal matrix (autograd refuses in-place changes to a view a custom function returns)."""
+    return rows.view(*x.shape[:-1], n).detach()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Ops
 
@@ -453,9 +535,8 @@ def _rows_out(x: torch.Tensor, n: int):
 def _linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = _check_linear("linear_add_relu", x, weight, residual, bias)
-    return _run(_rows_out(x, n), [Operand(rows_of(x), weight)], bias, rows_of(residual),
-                lambda: rows_of(reference.linear_add_relu(x, weight, residual, bias))
-                ).view(*x.shape[:-1], n)
+    return _unviewed(_run(_rows_out(x, n), [Operand(rows_of(x), weight)], bias, rows_of(residual),
+                          lambda: rows_of(reference.linear_add_relu(x, weight, residual, bias))), x, n)
 
 
 linear_add_relu = torch.library.custom_op("fused_residual::linear_add_relu", _linear_add_relu, mutates_args=())
@@ -471,9 +552,9 @@ def _dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
                          shortcut_weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     n = _check_dual_linear("dual_linear_add_relu", x, weight, shortcut, shortcut_weight, bias)
     operands = [Operand(rows_of(x), weight), Operand(rows_of(shortcut), shortcut_weight)]
-    return _run(_rows_out(x, n), operands, bias, None,
-                lambda: rows_of(reference.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias))
-                ).view(*x.shape[:-1], n)
+    return _unviewed(_run(_rows_out(x, n), operands, bias, None,
+                          lambda: rows_of(reference.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias))),
+                     x, n)
 
 
 dual_linear_add_relu = torch.library.custom_op("fused_residual::dual_linear_add_relu", _dual_linear_add_relu,
@@ -543,8 +624,10 @@ def _relu_grad_colsum(grad: torch.Tensor, out: torch.Tensor, with_colsum: bool) 
     gm = _alloc.empty(out.shape, out, **_grad_layout(out))
     colsum = _alloc.empty((N,) if with_colsum else (0,), out, dtype=torch.float32)
     backend = _backend.resolve(out.device)
-    if backend == "triton" and M > TRITON_MAX_ROWS:
-        backend = "eager"  # past the kernel's int32 row indices (the forward took the library path too)
+    if backend == "triton" and (M > TRITON_MAX_ROWS or N > 65535 * 64):
+        # past the kernel's int32 row indices (the forward took the library path too), or more column
+        # tiles (of 64) than a CUDA grid's second dimension holds
+        backend = "eager"
     if backend == "triton":
         K = _triton.kernels("gemm_add_relu")
         partial = torch.empty((_triton.cdiv(M, K.GRAD_BLOCK_M), N), dtype=torch.float32, device=out.device) \
@@ -573,15 +656,31 @@ def _(grad, out, with_colsum):
             out.new_empty((n,) if with_colsum else (0,), dtype=torch.float32))
 
 
+def _setup_relu_grad_colsum(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_relu_grad_colsum(ctx, grad_gm, grad_colsum):
+    """Double backward: both outputs are linear in ``grad`` (the column sum adds each channel's masked
+    values), so ``grad`` receives the ReLU gate applied to grad_gm + grad_colsum broadcast over channels."""
+    (out,) = ctx.saved_tensors
+    g = grad_gm
+    if grad_colsum is not None and grad_colsum.numel():
+        g = g + grad_colsum.to(out.dtype).view([1, -1] + [1] * (out.dim() - 2))
+    return reference.relu_backward(g, out), None, None
+
+
+relu_grad_colsum.register_autograd(_backward_relu_grad_colsum, setup_context=_setup_relu_grad_colsum)
+
+
 def _masked_grad(grad, out, bias_needed):
     gm, colsum = _direct.call(relu_grad_colsum, _relu_grad_colsum, grad, out, bias_needed)
     return gm, (colsum.to(out.dtype) if bias_needed else None)
 
 
-def _linear_grads(gm2d, x, weight, need_x, need_w):
-    x2d = rows_of(x)
-    gx = (gm2d @ weight).view(x.shape) if need_x else None
-    gw = gm2d.t() @ x2d if need_w else None
+def _linear_grads(gm2d, x, weight, x_shape, need_x, need_w):
+    gx = (gm2d @ weight).view(x_shape) if need_x else None
+    gw = gm2d.t() @ rows_of(x) if need_w else None
     return gx, gw
 
 
@@ -593,9 +692,16 @@ def _conv_grads(gm, x, weight, stride, need_x, need_w):
     return gx, gw
 
 
+# The setups save an operand only where a gradient needs it, as eager's autograd does (x for the weight
+# gradient, the weight for x's; a convolution node keeps both): a frozen weight or an input changed in
+# place after the forward is then no error, and nothing is held longer than needed.
+
+
 def _setup_linear(ctx, inputs, output):
     x, weight, residual, bias = inputs
-    ctx.save_for_backward(x, weight, output)
+    need = ctx.needs_input_grad
+    ctx.save_for_backward(x if need[1] else None, weight if need[0] else None, output)
+    ctx.x_shape = x.shape
     ctx.has_bias = bias is not None
 
 
@@ -603,13 +709,16 @@ def _backward_linear(ctx, grad):
     x, weight, out = ctx.saved_tensors
     need = ctx.needs_input_grad
     gm, gb = _masked_grad(rows_of(grad), rows_of(out, view=True), ctx.has_bias and need[3])
-    gx, gw = _linear_grads(gm, x, weight, need[0], need[1])
+    gx, gw = _linear_grads(gm, x, weight, ctx.x_shape, need[0], need[1])
     return gx, gw, gm.view(out.shape) if need[2] else None, gb
 
 
 def _setup_dual_linear(ctx, inputs, output):
     x, weight, shortcut, shortcut_weight, bias = inputs
-    ctx.save_for_backward(x, weight, shortcut, shortcut_weight, output)
+    need = ctx.needs_input_grad
+    ctx.save_for_backward(x if need[1] else None, weight if need[0] else None,
+                          shortcut if need[3] else None, shortcut_weight if need[2] else None, output)
+    ctx.x_shape, ctx.shortcut_shape = x.shape, shortcut.shape
     ctx.has_bias = bias is not None
 
 
@@ -617,14 +726,15 @@ def _backward_dual_linear(ctx, grad):
     x, weight, shortcut, shortcut_weight, out = ctx.saved_tensors
     need = ctx.needs_input_grad
     gm, gb = _masked_grad(rows_of(grad), rows_of(out, view=True), ctx.has_bias and need[4])
-    gx, gw = _linear_grads(gm, x, weight, need[0], need[1])
-    gs, gsw = _linear_grads(gm, shortcut, shortcut_weight, need[2], need[3])
+    gx, gw = _linear_grads(gm, x, weight, ctx.x_shape, need[0], need[1])
+    gs, gsw = _linear_grads(gm, shortcut, shortcut_weight, ctx.shortcut_shape, need[2], need[3])
     return gx, gw, gs, gsw, gb
 
 
 def _setup_conv(ctx, inputs, output):
     x, weight, residual, bias, stride = inputs
-    ctx.save_for_backward(x, weight, output)
+    conv = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    ctx.save_for_backward(x if conv else None, weight if conv else None, output)
     ctx.has_bias = bias is not None
     ctx.stride = stride
 
@@ -639,7 +749,10 @@ def _backward_conv(ctx, grad):
 
 def _setup_dual_conv(ctx, inputs, output):
     x, weight, shortcut, shortcut_weight, bias, shortcut_stride = inputs
-    ctx.save_for_backward(x, weight, shortcut, shortcut_weight, output)
+    need = ctx.needs_input_grad
+    main, side = need[0] or need[1], need[2] or need[3]
+    ctx.save_for_backward(x if main else None, weight if main else None, shortcut if side else None,
+                          shortcut_weight if side else None, output)
     ctx.has_bias = bias is not None
     ctx.shortcut_stride = shortcut_stride
 
