@@ -42,12 +42,7 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     if _direct.transformed():  # as eager's in-place ops: functorch and forward AD handle those
         return z.add_(skip).relu_()
     if torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
-        if z.is_leaf and z.requires_grad:
-            raise RuntimeError("add_relu_: a leaf Variable that requires grad is being used in an in-place "
-                               "operation")
-        if z._base is not None and z._base.is_leaf and z._base.requires_grad:
-            raise RuntimeError("add_relu_: a view of a leaf Variable that requires grad is being used in an "
-                               "in-place operation")
+        _ar.check_inplace_autograd(z)
         return _ar.AddReLUInplace.apply(z, skip)
     if _direct.plain_eager(z, skip):
         _ar._add_relu_inplace(z, skip)

@@ -107,23 +107,58 @@ def test_compile_inplace_with_autograd():
     assert_bitwise_equal(skip.grad, se.grad)
 
 
-def test_inplace_op_refuses_tensors_that_need_gradients():
-    """The mutating op records no backward: called directly on tensors that need gradients it raises (it
-    used to leave z's old grad_fn in place, and the gradient skipped the ReLU); without grad mode, or
-    through fused_residual.add_relu_, it runs."""
-    a, skip = torch.randn(50, requires_grad=True), torch.randn(50)
-    for z, s in ((a * 2, skip), (torch.randn(50), skip.clone().requires_grad_())):
-        with pytest.raises(RuntimeError, match="fused_residual.add_relu_, which does"):
-            torch.ops.fused_residual.add_relu_(z, s)
-    z = a.detach() * 2
-    expected = torch.relu(z + skip)
+def test_inplace_op_records_its_backward_when_called_directly():
+    """The mutating op cannot register_autograd; its autograd kernel records the backward itself, so a direct
+    op call, and the bare op node torch.export leaves of fused_residual.add_relu_, give eager's gradients (a
+    direct call used to keep z's old grad_fn: gradients as if no ReLU had run)."""
+    a, skip = torch.randn(50, requires_grad=True), torch.randn(50, requires_grad=True)
+    z = a * 2
+    torch.ops.fused_residual.add_relu_(z, skip)
+    z.backward(torch.ones_like(z))
+    ae, se = a.detach().clone().requires_grad_(), skip.detach().clone().requires_grad_()
+    ref = torch.relu_(ae * 2 + se)
+    ref.backward(torch.ones_like(ref))
+    assert_bitwise_equal(z.detach(), ref.detach())
+    assert_bitwise_equal(a.grad, ae.grad)
+    assert_bitwise_equal(skip.grad, se.grad)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        torch.ops.fused_residual.add_relu_(a, skip)
     with torch.no_grad():
         torch.ops.fused_residual.add_relu_(a * 2, skip)
-    torch.ops.fused_residual.add_relu_(z, skip)
-    assert_bitwise_equal(z, expected)
-    out = fr.add_relu_(a * 2, skip)
-    out.backward(torch.ones_like(out))
-    assert_bitwise_equal(a.grad, 2 * (expected > 0).float())
+
+    class Tail(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return fr.add_relu_(self.fc(x), x)
+
+    torch.manual_seed(0)
+    tail, x = Tail(), torch.randn(4, 8)
+    exported = torch.export.export(tail, (x,), strict=False).module()
+    assert any(n.target is torch.ops.fused_residual.add_relu_.default for n in exported.graph.nodes)
+    out = exported(x)
+    out.square().sum().backward()
+    ref = torch.relu(tail.fc(x) + x)
+    ref.square().sum().backward()
+    assert_bitwise_equal(out.detach(), ref.detach())
+    grads = dict(exported.named_parameters())
+    torch.testing.assert_close(grads["fc.weight"].grad, tail.fc.weight.grad)
+
+
+def test_import_where_library_impl_refuses_overrides_by_default():
+    """torch 2.11 (the GPU machine's) defaults Library.impl to allow_override=False: the package must still
+    import there (it replaces custom_op's Autograd kernel of add_relu_)."""
+    import subprocess
+    import sys
+
+    code = ("import torch.library\n"
+            "torch.library.Library.impl.__kwdefaults__['allow_override'] = False\n"
+            "import fused_residual\n"
+            "print('imported')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "imported" in res.stdout, res.stderr[-2000:]
 
 
 @pytest.mark.filterwarnings("ignore:fused_residual.*eager formulas")
@@ -151,6 +186,20 @@ def test_transforms_compute_with_the_eager_formulas():
     assert torch.equal(torch.func.grad(lambda a: fr.add_relu_(a * 1.0, skip).sum())(z), (z + skip > 0).float())
     with pytest.warns(UserWarning, match="eager formulas"), fwAD.dual_level():
         fr.linear_add_relu(x, fwAD.make_dual(w, torch.randn_like(w)), r)
+
+
+def test_functionalize_keeps_the_fused_ops():
+    """torch.func.functionalize is a functorch transform the (already functional) ops need nothing from: a
+    graph traced through it holds them, and no 'eager formulas' warning is given."""
+    import warnings
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, r = torch.randn(4, 8), torch.randn(6, 8), torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph = make_fx(torch.func.functionalize(lambda x, w, r: fr.linear_add_relu(x, w, r)))(x, w, r).graph
+    assert any(n.target is torch.ops.fused_residual.linear_add_relu.default for n in graph.nodes)
 
 
 def test_export_round_trip():

@@ -61,12 +61,21 @@ def _tensors(args):
 
 
 def transformed() -> bool:
-    """Whether forward-mode AD or a functorch transform (``torch.func.grad``/``jvp``/``vmap``/...) is active
-    outside compilation: the custom ops have no forward-mode or functorch rules (forward AD would drop the
-    tangent without a word, ``torch.func.grad`` fails), so the public functions compute those calls with
-    the eager formulas, which every transform handles."""
-    return not torch.compiler.is_compiling() and (
-        torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0)
+    """Whether forward-mode AD or a functorch transform (``torch.func.grad``/``jvp``/``vmap``; not
+    ``functionalize``) is active outside compilation: the custom ops have no forward-mode or functorch
+    rules (forward AD would drop the tangent without a word, ``torch.func.grad`` fails), so the public
+    functions compute those calls with the eager formulas, which every transform handles."""
+    if torch.compiler.is_compiling():
+        return False
+    if _forward_ad._current_level >= 0:
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    # functionalize needs nothing of the ops (they are functional already); grad, jvp and vmap do
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() != TransformType.Functionalize for i in retrieve_all_functorch_interpreters())
 
 
 def run(op, fn: type[torch.autograd.Function], impl, reference, *args):

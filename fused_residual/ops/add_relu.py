@@ -310,19 +310,32 @@ class AddReLUInplace(torch.autograd.Function):
         return gin, gin
 
 
+def check_inplace_autograd(z: torch.Tensor) -> None:
+    """Autograd's rule for in-place ops, as eager states it: not on a leaf that requires grad, nor a view
+    of one."""
+    if z.is_leaf and z.requires_grad:
+        raise RuntimeError("add_relu_: a leaf Variable that requires grad is being used in an in-place operation")
+    if z._base is not None and z._base.is_leaf and z._base.requires_grad:
+        raise RuntimeError("add_relu_: a view of a leaf Variable that requires grad is being used in an "
+                           "in-place operation")
+
+
 def _add_relu_inplace_autograd(keyset, z, skip):
-    """The op's autograd kernel. A mutating custom op records no backward, so a direct
-    ``torch.ops.fused_residual.add_relu_`` call on tensors that need gradients would leave z with its old
-    grad_fn and backpropagate as if no ReLU had run. It is refused instead: ``fused_residual.add_relu_``
-    records the backward (:class:`AddReLUInplace`, which calls the op with grad mode off)."""
+    """The op's autograd kernel. A mutating custom op cannot ``register_autograd``, and without this kernel
+    a direct ``torch.ops.fused_residual.add_relu_`` call (or the bare op node that ``torch.export`` leaves
+    of ``fused_residual.add_relu_``) would keep z's old grad_fn: gradients as if no ReLU had run. Where a
+    gradient is needed it records :class:`AddReLUInplace`, whose forward runs the op with grad mode off."""
     if torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
-        raise RuntimeError("torch.ops.fused_residual.add_relu_ records no backward, and z or skip requires grad: "
-                           "call fused_residual.add_relu_, which does")
+        check_inplace_autograd(z)
+        AddReLUInplace.apply(z, skip)
+        return None
     return torch.ops.fused_residual.add_relu_.default.redispatch(keyset & torch._C._after_autograd_keyset, z, skip)
 
 
+# allow_override: custom_op registered an Autograd kernel of its own, which older torch releases refuse
+# to replace by default.
 _autograd_lib = torch.library.Library("fused_residual", "IMPL")
-_autograd_lib.impl("add_relu_", _add_relu_inplace_autograd, "Autograd", with_keyset=True)
+_autograd_lib.impl("add_relu_", _add_relu_inplace_autograd, "Autograd", with_keyset=True, allow_override=True)
 
 
 # The eager fast path of the two forward ops (fused_residual.ops._direct): the same implementation and

@@ -168,17 +168,14 @@ def tma_descriptors(operands: list[Operand], residual, out, linear: bool) -> lis
     for t in (residual, out):
         st = _rows_linear(mn_strides(t), images, OH, OW)[0] if t is not None else None
         matrices.append((t, M, N, st[0], st[3]) if t is not None else None)
-    descs = []
-    for m in matrices:
-        if m is None:
-            descs.append(None)
-            continue
-        t, rows, cols, row_stride, col_stride = m
-        if (col_stride != 1 or (row_stride * t.element_size()) % 16 or t.data_ptr() % 16 or not rows or not cols
-                or (rows > 1 and row_stride < cols)):  # rows must not overlap (an expanded tensor's do)
-            return None
-        descs.append(TensorDescriptor(t, [rows, cols], [row_stride, 1], [16, 16]))
-    return descs
+    for m in matrices:  # every check before any descriptor is built (the common miss costs little)
+        if m is not None:
+            t, rows, cols, row_stride, col_stride = m
+            # rows 16-byte aligned, columns adjacent, rows not overlapping (an expanded tensor's do)
+            if (col_stride != 1 or (row_stride * t.element_size()) % 16 or row_stride < cols or not rows
+                    or not cols or t.data_ptr() % 16):
+                return None
+    return [None if m is None else TensorDescriptor(m[0], [m[1], m[2]], [m[3], 1], [16, 16]) for m in matrices]
 
 
 def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> None:
