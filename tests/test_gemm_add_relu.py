@@ -565,6 +565,7 @@ def test_autotuned_launch_builds_descriptors_only_while_tma_may_run(monkeypatch,
     monkeypatch.setitem(K.AUTOTUNED, "16-bit", tuner)
     monkeypatch.setattr(_triton, "interpreting", lambda: False)  # fp16: the compiled-kernel code path runs
     monkeypatch.setattr(gemm_ops, "_TUNED_WITHOUT_TMA", set())
+    monkeypatch.setenv("FUSED_RESIDUAL_GEMM_TMA", "1")
     built = []
     real = gemm_ops.tma_descriptors
     monkeypatch.setattr(gemm_ops, "tma_descriptors", lambda *a: built.append(real(*a)) or built[-1])
@@ -593,6 +594,32 @@ def test_autotuned_launch_builds_descriptors_only_while_tma_may_run(monkeypatch,
         assert len(built) == 1 and timed == []
     args = (xs, w, r, b)
     assert_close_to_ref(out, reference.linear_add_relu(*args), reference.linear_add_relu(*(a.double() for a in args)))
+
+
+def test_tma_configs_are_opt_in_for_the_autotuner(monkeypatch):
+    """Until measured on a GPU the autotuner tries TMA configs only with FUSED_RESIDUAL_GEMM_TMA=1 (no
+    descriptors are built otherwise); another value is an error that names it."""
+    from fused_residual import _triton
+
+    if not _triton.interpreting():
+        pytest.skip("drives the autotuner under the Triton interpreter")
+    K = _triton.kernels("gemm_add_relu")
+    tuner = K._autotuned([K.make_config(32, 32, 16, 2, 4, group=2), K.make_config(32, 32, 16, 2, 4, tma=True)])
+    timed = []
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: timed.append(config.kwargs["TMA"]) or [1.0] * 3)
+    monkeypatch.setitem(K.AUTOTUNED, "16-bit", tuner)
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    monkeypatch.setattr(gemm_ops, "tma_descriptors", lambda *a: pytest.fail("descriptors built"))
+    monkeypatch.delenv("FUSED_RESIDUAL_GEMM_TMA", raising=False)
+    x, w, r = torch.randn(64, 32).half(), torch.randn(32, 32).half(), torch.randn(64, 32).half()
+    out = torch.empty(64, 32).half()
+    gemm_ops._triton_gemm([gemm_ops.Operand(x, w)], None, r, out)
+    assert True not in timed and not tuner.best_config.kwargs["TMA"]
+    assert_close_to_ref(out, reference.linear_add_relu(x, w, r), reference.linear_add_relu(x.double(), w.double(),
+                                                                                         r.double()))
+    monkeypatch.setenv("FUSED_RESIDUAL_GEMM_TMA", "yes")
+    with pytest.raises(ValueError, match="FUSED_RESIDUAL_GEMM_TMA"):
+        gemm_ops._triton_gemm([gemm_ops.Operand(x, w)], None, r, out)
 
 
 def test_autotune_choices_lists_each_tuned_key(monkeypatch):

@@ -142,6 +142,16 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def tma_enabled() -> bool:
+    """Whether the autotuner may pick the TMA configs: ``FUSED_RESIDUAL_GEMM_TMA=1``. Off by default until
+    they have been run on a GPU (the interpreter and the sm_90a compiler check them, not hardware);
+    benchmarks/gpu_run.sh turns them on, and configs forced by name run regardless."""
+    value = os.environ.get("FUSED_RESIDUAL_GEMM_TMA", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"FUSED_RESIDUAL_GEMM_TMA must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 @functools.lru_cache(maxsize=None)
 def _has_tma(device: torch.device) -> bool:
     """Whether the GPU has the Tensor Memory Accelerator (sm_90+). Under the interpreter (CPU tensors) the
@@ -247,7 +257,7 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
                 # Tuned with the TMA configs among the candidates, and a pointer config won: the same
                 # autotuner key (TMA_READY), without the cost of building descriptors it will not read.
                 flags["TMA_READY"] = True
-            elif with_descriptors():
+            elif tma_enabled() and with_descriptors():
                 tuner[grid](*args, **flags)
                 if not tuner.best_config.kwargs["TMA"]:
                     _TUNED_WITHOUT_TMA.add(key)
