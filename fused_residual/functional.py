@@ -55,8 +55,10 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 def _autocast(device_type: str, *tensors):
     """Under ``torch.autocast`` the GEMM ops run in the autocast dtype, as ``F.linear``/``F.conv2d`` do:
     every floating input but float64 is cast to it."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return tensors  # (meta tensors, for one, have no autocast)
+    # meta tensors have no autocast (torch.amp.is_autocast_available would say so, but torch.compile of
+    # torch 2.11 cannot trace it)
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return tensors
     dtype = torch.get_autocast_dtype(device_type)
     # float64 stays float64 under autocast, as with F.linear (and is then refused by name)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
