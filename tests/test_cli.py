@@ -106,3 +106,32 @@ def test_gemm_sweep_times_every_config_under_the_interpreter(tmp_path):
     assert {"copy kernel", "torch.mm", "eager", "autotuned", *expected} == set(providers)
     assert all(r.frac_of_copy and r.frac_of_copy > 0 for r in rows if r.provider not in ("copy kernel",))
     assert (tmp_path / "sweep_gemm.csv").exists()
+
+
+def test_gpu_run_driver_merges_phases_and_skips_what_does_not_fit(tmp_path, capsys):
+    """benchmarks/gpu_run.py, the driver of the prepared GPU run, in quick mode on the CPU: every phase's rows
+    merged into one bench.csv, the plots packed, verify's verdict printed; a phase that no longer fits before
+    the deadline is skipped and says so; an unknown phase name is a usage error. (GPU time is scarce: the
+    driver must not be what fails there.)"""
+    import time
+
+    from fused_residual import _triton
+    from fused_residual._benchmarks import gpu_run
+
+    if not _triton.interpreting():
+        pytest.skip("the sweep phase needs the Triton interpreter on CPU")
+    out = tmp_path / "out"
+    base = ["--out", str(out), "--device", "cpu", "--quick"]
+    assert gpu_run.main(base + ["--deadline", str(time.time() + 1000), "--phases", "verify,overhead,sweep gemm"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify --quick on cpu:" in printed and ", 0 failed" in printed
+    assert "FAILED" not in printed and "SKIPPED" not in printed
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert CSV_FIELDS <= set(rows[0])
+    assert {"interpreter smoke", "add_relu", "linear_add_relu"} <= {r["op"] for r in rows}
+    assert (out / "plots.tar.gz").stat().st_size > 0
+    assert gpu_run.main(base + ["--deadline", str(time.time() + 10), "--phases", "sweep gemm"]) == 0
+    assert "== sweep gemm: SKIPPED" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        gpu_run.main(base + ["--deadline", str(time.time() + 1000), "--phases", "sweep gemm,nope"])
