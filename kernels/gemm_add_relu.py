@@ -197,6 +197,12 @@ def finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh
 
 
 @triton.jit
+def column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The accumulator's left and right BLOCK_N / 2 columns, for an epilogue finished in two halves."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row tile, column tile) of output tile number ``tile``: tiles go in groups of GROUP_M row tiles
     that step through the column tiles together, so a group's weight tiles stay in L2."""
@@ -260,8 +266,7 @@ def gemm_tile(
     elif EPILOGUE_SPLIT:
         # Two BLOCK_N / 2 halves, one after the other: only half a residual tile is live beside the
         # accumulator, which lets 128 x 256 tiles run without spilling.
-        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-        left, right = tl.split(halves)
+        left, right = column_halves(acc, BLOCK_M, BLOCK_N)
         half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
         finish(left, rows, half, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
                o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
@@ -323,7 +328,7 @@ def gemm_tile_tma(
         finish_tma(acc, row0, col0, N, bias_ptr, r_desc, o_desc, out_dtype, HAS_BIAS, False, RELU_HW_MAX,
                    INTERPRET)
     elif EPILOGUE_SPLIT:
-        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        left, right = column_halves(acc, BLOCK_M, BLOCK_N)
         finish_tma(left, row0, col0, N, bias_ptr, r_desc, o_desc, out_dtype, HAS_BIAS, HAS_RESIDUAL,
                    RELU_HW_MAX, INTERPRET)
         finish_tma(right, row0, col0 + BLOCK_N // 2, N, bias_ptr, r_desc, o_desc, out_dtype, HAS_BIAS,

@@ -89,6 +89,17 @@ def test_compile_inplace_no_grad():
     assert_bitwise_equal(z, expected)
 
 
+def _assert_matches_eager_inplace(out, a, skip):
+    """out = add_relu_(a * 2, skip), backpropagated with ones into a and skip: bit-identical to eager's
+    relu_(a * 2 + skip), values and gradients."""
+    ae, se = a.detach().clone().requires_grad_(), skip.detach().clone().requires_grad_()
+    ref = torch.relu_(ae * 2 + se)
+    ref.backward(torch.ones_like(ref))
+    assert_bitwise_equal(out.detach(), ref.detach())
+    assert_bitwise_equal(a.grad, ae.grad)
+    assert_bitwise_equal(skip.grad, se.grad)
+
+
 def test_compile_inplace_with_autograd():
     torch._dynamo.reset()
 
@@ -99,12 +110,7 @@ def test_compile_inplace_with_autograd():
     a, skip = torch.randn(50, requires_grad=True), torch.randn(50, requires_grad=True)
     out = block(a, skip)
     out.backward(torch.ones_like(out))
-    ae, se = a.detach().clone().requires_grad_(), skip.detach().clone().requires_grad_()
-    ref = torch.relu_(ae * 2 + se)
-    ref.backward(torch.ones_like(ref))
-    assert_bitwise_equal(out.detach(), ref.detach())
-    assert_bitwise_equal(a.grad, ae.grad)
-    assert_bitwise_equal(skip.grad, se.grad)
+    _assert_matches_eager_inplace(out, a, skip)
 
 
 def test_inplace_op_records_its_backward_when_called_directly():
@@ -115,12 +121,7 @@ def test_inplace_op_records_its_backward_when_called_directly():
     z = a * 2
     torch.ops.fused_residual.add_relu_(z, skip)
     z.backward(torch.ones_like(z))
-    ae, se = a.detach().clone().requires_grad_(), skip.detach().clone().requires_grad_()
-    ref = torch.relu_(ae * 2 + se)
-    ref.backward(torch.ones_like(ref))
-    assert_bitwise_equal(z.detach(), ref.detach())
-    assert_bitwise_equal(a.grad, ae.grad)
-    assert_bitwise_equal(skip.grad, se.grad)
+    _assert_matches_eager_inplace(z, a, skip)
     with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
         torch.ops.fused_residual.add_relu_(a, skip)
     with torch.no_grad():

@@ -9,8 +9,9 @@ that is. Everywhere else (torch.compile and torch.export tracing, torch.jit.trac
 subclass / meta tensors, lazily negated or conjugated views, TorchFunction and TorchDispatch modes, the
 profiler) they call ``torch.ops.fused_residual.*``, so compiled graphs, exported programs and traces see the
 registered ops. Under forward-mode AD and functorch transforms (vmap, torch.func.grad / jvp), which the ops
-have no rules for, they compute with the eager formulas of ``fused_residual.reference``. (``torch.set_default_device``
-installs a TorchFunction mode, so under it every call takes the registered op.) Both paths run the same
+have no rules for, they compute with the eager formulas of ``fused_residual.reference``.
+(``torch.set_default_device`` installs a TorchFunction mode, so under it every call takes the registered
+op.) Both paths run the same
 code on the same backend, so their results are bit-identical (tests/test_registration.py checks it).
 """
 
