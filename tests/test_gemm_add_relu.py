@@ -596,6 +596,50 @@ def test_autotuned_launch_builds_descriptors_only_while_tma_may_run(monkeypatch,
     assert_close_to_ref(out, reference.linear_add_relu(*args), reference.linear_add_relu(*(a.double() for a in args)))
 
 
+def test_autotuned_launch_reads_its_own_choice_when_threads_race(monkeypatch):
+    """A launch sets the autotuner's best_config, which the TMA branch reads after its own launch. Another
+    thread's launch (another problem, where a pointer config wins) forced in between those two steps must
+    wait, or the TMA problem would be recorded as tuned without TMA and later run a TMA config without
+    descriptors."""
+    import threading
+
+    from fused_residual import _triton
+
+    if not _triton.interpreting():
+        pytest.skip("drives the autotuner under the Triton interpreter")
+    K = _triton.kernels("gemm_add_relu")
+    tuner = K._autotuned([K.make_config(32, 32, 16, 2, 4, group=2),
+                          K.make_config(32, 32, 16, 2, 4, group=2, split=True, tma=True)])
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: [1.0 if config.kwargs["TMA"] else 2.0] * 3)
+    monkeypatch.setitem(K.AUTOTUNED, "16-bit", tuner)
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    monkeypatch.setattr(gemm_ops, "_TUNED_WITHOUT_TMA", set())
+    monkeypatch.setenv("FUSED_RESIDUAL_GEMM_TMA", "1")
+    m, n, k = 48, 32, 32
+    x, w, r = torch.randn(m, k).half(), (torch.randn(n, k) / 6).half(), torch.randn(m, n).half()
+    xs = torch.randn(m, k + 1).half()[:, 1:]  # rows off 16-byte alignment: pointer configs only
+    out, out_other = torch.empty(m, n).half(), torch.empty(m, n).half()
+    other = threading.Thread(target=gemm_ops._triton_gemm, args=([gemm_ops.Operand(xs, w)], None, r, out_other))
+    real_run, waited = tuner.run, []
+
+    def run_then_race(*args, **kwargs):
+        result = real_run(*args, **kwargs)
+        if not other.is_alive() and not waited:  # the first launch: the other thread launches now
+            other.start()
+            other.join(timeout=1.0)
+            waited.append(other.is_alive())  # still waiting for this launch's choice to be read
+        return result
+
+    monkeypatch.setattr(tuner, "run", run_then_race)
+    gemm_ops._triton_gemm([gemm_ops.Operand(x, w)], None, r, out)
+    other.join()
+    assert waited == [True]
+    assert not gemm_ops._TUNED_WITHOUT_TMA  # the problem whose choice was read chose TMA
+    for o, a in ((out, x), (out_other, xs)):
+        assert_close_to_ref(o, reference.linear_add_relu(a, w, r),
+                            reference.linear_add_relu(a.double(), w.double(), r.double()))
+
+
 def test_tma_configs_are_opt_in_for_the_autotuner(monkeypatch):
     """Until measured on a GPU the autotuner tries TMA configs only with FUSED_RESIDUAL_GEMM_TMA=1 (no
     descriptors are built otherwise); another value is an error that names it."""

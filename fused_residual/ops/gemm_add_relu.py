@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Optional  # custom-op signatures: Optional, which every torch's infer_schema knows
 
@@ -258,16 +259,23 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
                 # autotuner key (TMA_READY), without the cost of building descriptors it will not read.
                 flags["TMA_READY"] = True
             elif tma_enabled() and with_descriptors():
-                tuner[grid](*args, **flags)
-                if not tuner.best_config.kwargs["TMA"]:
+                with _TUNER_LOCK:  # best_config is the tuner's last launch: no other thread's in between
+                    tuner[grid](*args, **flags)
+                    chose_tma = tuner.best_config.kwargs["TMA"]
+                if not chose_tma:
                     _TUNED_WITHOUT_TMA.add(key)
                 return
-            tuner[grid](*args, **flags)
+            with _TUNER_LOCK:
+                tuner[grid](*args, **flags)
 
 
 # Problems (config list, M, N, K1, K2, row addressing, dtype, device) that were tuned with descriptors and
 # chose a config without TMA: later calls skip building descriptors (several microseconds of host time).
 _TUNED_WITHOUT_TMA: set = set()
+# Held around every autotuned launch: a launch sets the tuner's best_config, which the TMA branch reads
+# right after its own launch to learn which config ran; a launch from another thread in between would
+# make it record another problem's choice (and later calls would run a TMA config without descriptors).
+_TUNER_LOCK = threading.Lock()
 
 
 def autotune_choices() -> list[str]:
