@@ -10,6 +10,13 @@ from ._backend import BACKENDS, BackendUnavailable, current_backend, use_backend
 from .functional import (add_relu, add_relu_, conv1x1_add_relu, dual_conv1x1_add_relu, dual_linear_add_relu,
                          linear_add_relu)
 
+import torch as _torch
+
+for _name in ("add_relu", "add_relu_", "linear_add_relu", "dual_linear_add_relu", "conv1x1_add_relu",
+              "dual_conv1x1_add_relu"):
+    _torch.fx.wrap(_name)  # FX records ``fused_residual.<op>(...)`` as one call node (see functional.py)
+del _name
+
 from .integrations import ConversionReport, conversion_report, convert, revert
 
 __version__ = "0.1.0"

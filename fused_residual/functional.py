@@ -123,3 +123,12 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
     return _direct.run(torch.ops.fused_residual.dual_conv1x1_add_relu, _gemm.DualConv1x1AddReLU,
                        _gemm._dual_conv1x1_add_relu, reference.dual_conv1x1_add_relu,
                        x, weight, shortcut, shortcut_weight, bias, shortcut_stride)
+
+
+# FX symbolic tracing (torch.fx.symbolic_trace, torchvision's create_feature_extractor) records each public
+# function as one call node instead of tracing into its argument checks, which cannot run on proxies. A
+# wrap applies to the namespace it is made in: nn.py and the package namespace wrap their names too.
+for _name in ("add_relu", "add_relu_", "linear_add_relu", "dual_linear_add_relu", "conv1x1_add_relu",
+              "dual_conv1x1_add_relu"):
+    torch.fx.wrap(_name)
+del _name

@@ -8,6 +8,10 @@ from torch.nn import functional as F
 
 from .functional import SAVE_MODES, add_relu, dual_linear_add_relu, linear_add_relu
 
+for _name in ("add_relu", "dual_linear_add_relu", "linear_add_relu"):  # FX: one call node each (functional.py)
+    torch.fx.wrap(_name)
+del _name
+
 
 class AddReLU(nn.Module):
     """``relu(z + skip)``, the module form of :func:`fused_residual.add_relu`."""

@@ -91,7 +91,7 @@ def test_conversion_report_counts_and_reasons(caplog):
     assert "activation is GELU" in str(report)
 
 
-def test_subclasses_with_their_own_forward_are_left_alone():
+def test_subclasses_are_left_alone():
     class MyBlock(torchvision.models.resnet.BasicBlock):
         def forward(self, x):
             return super().forward(x) * 2
@@ -99,7 +99,7 @@ def test_subclasses_with_their_own_forward_are_left_alone():
     model = nn.Sequential(MyBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
     fr.convert(model)
     assert type(model[0]) is MyBlock and type(model[1]) is fr_tv.FusedBasicBlock
-    assert "has its own forward" in fr.conversion_report(model).skipped[0][2]
+    assert "only the exact block classes" in fr.conversion_report(model).skipped[0][2]
 
 
 def test_timm_block_with_non_relu_tail_is_skipped():
@@ -193,6 +193,153 @@ def test_autocast(dtype, train):
         ref64 = copy.deepcopy(model).double()(x.double())
     assert out.dtype == ref.dtype
     assert_close_to_ref(out.float().to(dtype), ref.to(dtype), ref64, "autocast logits")
+
+
+def test_autocast_train_tail_bit_identical_when_block_input_is_float32():
+    """Under autocast a block's main path is bf16 while its identity input may be float32: eager's
+    ``out += identity`` computes in float32 and rounds once, and the fused tail must round the same way."""
+    block = randomize_bn(torchvision.models.resnet.BasicBlock(16, 16)).train()
+    fused = fr.convert(copy.deepcopy(block))
+    x = torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = block(x), fused(x)
+    assert ref.dtype == torch.bfloat16
+    assert_bitwise_equal(out, ref, "autocast train block")
+
+
+def _hooked_pair(make, train):
+    """(unconverted, converted) copies of ``make()`` with the converted one's state loaded from the other,
+    in train or eval mode."""
+    model = randomize_bn(make())
+    fused = fr.convert(make())
+    fused.load_state_dict(model.state_dict())
+    return model.train(train), fused.train(train)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_hooks_and_reparametrisations_on_block_modules_take_effect(train):
+    """A module the fused path would skip (a folded conv or BN, the tail activation) runs after all when
+    it has hooks: weight_norm and pruning (forward pre-hooks) change the weights, forward hooks see every
+    call, and a hook's returned value replaces the output."""
+    from torch.nn.utils import prune, weight_norm
+
+    def make():
+        model = torchvision.models.resnet18(num_classes=10)
+        weight_norm(model.layer1[0].conv2)
+        prune.l1_unstructured(model.layer2[0].conv1, "weight", amount=0.5)
+        return model
+
+    model, fused = _hooked_pair(make, train)
+    calls = {id(model): [], id(fused): []}
+    for m in (model, fused):
+        m.layer3[1].relu.register_forward_hook(lambda mod, i, o, log=calls[id(m)]: log.append(o.shape))
+        m.layer4[0].bn2.register_forward_hook(lambda mod, i, o: o * 0.5)  # a hook that changes the output
+    with torch.no_grad():
+        model.layer1[0].conv2.weight_g.mul_(2.0)
+        fused.layer1[0].conv2.weight_g.mul_(2.0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert calls[id(fused)] == calls[id(model)] and len(calls[id(model)]) == 2
+    if train:
+        assert_bitwise_equal(out, ref, "train")
+    else:
+        assert _rel(out, ref) < 1e-4
+
+
+def test_global_module_hooks_run_the_original_forward():
+    """With a module hook registered for every module, converted blocks run their original forward, so that
+    the hook fires as often as without conversion."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model, fused = _hooked_pair(lambda: torchvision.models.resnet18(num_classes=10), False)
+    seen = []
+    handle = register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            ref = model(x)
+            n_ref = len(seen)
+            out = fused(x)
+        assert [n.replace("Fused", "") for n in seen[n_ref:]] == seen[:n_ref]  # the same calls, in order
+        assert_bitwise_equal(out, ref, "original forward")
+    finally:
+        handle.remove()
+    assert fr.conversion_report(fused).counts() == {"torchvision.BasicBlock": 8}
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("kind", ["subclass", "hook"])
+def test_downsample_subclass_or_hook_runs_itself(kind, train):
+    """A downsample that is a Sequential subclass with its own forward, or a Sequential with a hook, is
+    called as it is instead of being parsed into conv + BN."""
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            return 0.5 * super().forward(x)
+
+    def make():
+        seq = (Scaled if kind == "subclass" else nn.Sequential)(nn.Conv2d(8, 16, 1, 2, bias=False),
+                                                                 nn.BatchNorm2d(16))
+        if kind == "hook":
+            seq.register_forward_hook(lambda m, i, o: o - 1.0)
+        return torchvision.models.resnet.BasicBlock(8, 16, stride=2, downsample=seq)
+
+    block, fused = _hooked_pair(make, train)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ref, out = block(x), fused(x)
+    if train:
+        assert_bitwise_equal(out, ref, kind)
+    else:
+        assert _rel(out, ref) < 1e-5
+
+
+def test_half_model_with_float32_batchnorm_in_eval():
+    """A float16 model that keeps its BatchNorm in float32 (a common recipe): the folded weights come out
+    in the convolution's dtype, and the output is as accurate as the unconverted model's."""
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).half()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.float()
+    model.eval()
+    fused = fr.convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(x.half()), fused(x.half())
+        ref64 = copy.deepcopy(model).double()(x.double())
+    assert out.dtype == torch.float16
+    assert_close_to_ref(out, ref, ref64, "fp16 model, fp32 BN")
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_fx_feature_extraction_of_converted_model(family):
+    """torchvision's create_feature_extractor (FX symbolic tracing) works on converted models, with the
+    fused calls as graph nodes: eval close to the unconverted model, train bit-identical."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    make = (lambda: torchvision.models.resnet50(num_classes=10)) if family == "torchvision" else \
+        (lambda: timm.create_model("resnet50", num_classes=10))
+    model, fused = _hooked_pair(make, False)
+    nodes = {"layer2": "mid", "layer4": "last"}
+    fe_ref, fe = create_feature_extractor(model, nodes), create_feature_extractor(fused, nodes)
+    targets = {getattr(n.target, "__name__", "") for n in fe.graph.nodes if n.op == "call_function"}
+    assert {"dual_conv1x1_add_relu", "conv1x1_add_relu"} <= targets
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = fe_ref(x), fe(x)
+    assert all(_rel(out[k], ref[k]) < 1e-4 for k in ("mid", "last"))
+    fe_ref.train(), fe.train()
+    ref, out = fe_ref(x), fe(x)
+    for k in ("mid", "last"):
+        assert_bitwise_equal(out[k], ref[k], f"train {k}")
+
+
+def test_fx_symbolic_trace_of_residual_block():
+    block = fr.nn.ResidualBlock(8, 16)
+    traced = torch.fx.symbolic_trace(block)
+    assert any(getattr(n.target, "__name__", "") == "dual_linear_add_relu" for n in traced.graph.nodes)
+    x = torch.randn(4, 8)
+    assert_bitwise_equal(traced(x), block(x), "traced block")
 
 
 def test_compile_fullgraph_of_converted_model():

@@ -2,8 +2,9 @@
 
 Recognised blocks (torchvision and timm ``BasicBlock`` / ``Bottleneck``, exact classes) get their class
 swapped for a fused subclass whose ``forward`` calls the fused ops; parameters, buffers and ``state_dict``
-are untouched. Blocks whose tail activation is not ReLU, and subclasses with their own ``forward``, are
-left alone; :func:`conversion_report` says which blocks were converted and why others were not.
+are untouched. Blocks whose tail activation is not ReLU or carries hooks, and subclasses (whatever they
+override), are left alone; :func:`conversion_report` says which blocks were converted and why others were
+not.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         else:
             for base, (_, _, kind) in blocks.items():
                 if isinstance(m, base):
-                    report.skipped.append((name, kind, f"subclass {t.__qualname__} has its own forward"))
+                    why = f"subclass {t.__qualname__} (only the exact block classes are converted)"
+                    report.skipped.append((name, kind, why))
                     break
     return report
 

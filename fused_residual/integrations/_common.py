@@ -4,6 +4,10 @@ Every helper decides per call whether a BatchNorm can be folded (``fold_bn``): i
 in eval mode with running statistics. Folded weights are computed from the current parameters and buffers
 at each forward, so they are never stale and carry autograd; nothing is stored on the modules, so
 ``state_dict`` and ``load_state_dict`` behave exactly as before conversion.
+
+A module the fused path would not call (a folded conv or BN, a parsed downsample, the tail activation) is
+called after all when it carries forward or backward hooks: weight_norm, spectral_norm and pruning work
+through forward pre-hooks, and feature extraction through forward hooks.
 """
 
 from __future__ import annotations
@@ -13,30 +17,72 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules import module as _module
 
 from .. import functional as fr
+
+# FX symbolic tracing (torchvision's create_feature_extractor) records these helpers as one call each: their
+# dtype tests cannot run on proxies. The fused functions the tails call are recorded the same way.
+torch.fx.wrap("add_relu_tail")
+torch.fx.wrap("fold_bn_tensors")
+
+
+def unhooked(m: nn.Module) -> bool:
+    """``m`` has no forward or backward hooks of its own: the fused path may compute its output without
+    calling it."""
+    return not (m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def global_hooks() -> bool:
+    """Module hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``
+    and the like): the converted blocks then run their original forward, so that each hook fires as often."""
+    return bool(_module._global_forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def tail_why_not(act: nn.Module, name: str = "activation") -> str | None:
+    """Why a block whose tail activation is ``act`` must run its original forward, or None. The fused tail
+    never calls the activation module."""
+    if type(act) is not nn.ReLU:
+        return f"{name} is {type(act).__name__}, not ReLU"
+    if not unhooked(act):
+        return f"{name} has hooks (the fused tail does not call it)"
+    if global_hooks():
+        return "global module hooks are registered"
+    return None
 
 
 def bn_foldable(bn: nn.Module) -> bool:
     """``bn`` normalises with fixed statistics right now (eval mode, running stats present)."""
     return (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
-            and bn.running_var is not None)
+            and bn.running_var is not None and unhooked(bn))
 
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
-    """(weight', bias') of the convolution followed by ``bn`` in eval mode, as one convolution."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale if bias is None else (bias - bn.running_mean) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift
+    """(weight', bias') of the convolution followed by ``bn`` in eval mode, as one convolution, in the
+    convolution's dtype."""
+    return fold_bn_tensors(weight, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+def fold_bn_tensors(weight, bias, mean, var, gamma, beta, eps: float):
+    """:func:`fold_bn` on the tensors themselves (one call node in FX graphs). Computed in float32 at least:
+    a half-precision model may keep its BN in float32, and rounding the factors to half first would add
+    error."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    scale = torch.rsqrt(var.to(dtype) + eps)
+    if gamma is not None:
+        scale = scale * gamma.to(dtype)
+    mean = mean.to(dtype)
+    shift = -mean * scale if bias is None else (bias.to(dtype) - mean) * scale
+    if beta is not None:
+        shift = shift + beta.to(dtype)
+    w = weight.to(dtype) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return w.to(weight.dtype), shift.to(weight.dtype)
 
 
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
     """``bn(conv(x))``, as a single convolution with folded weights when ``bn`` can be folded."""
-    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and bn_foldable(bn):
+    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and unhooked(conv) and bn_foldable(bn):
         w, b = fold_bn(conv.weight, conv.bias, bn)
         return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
     return bn(conv(x))
@@ -44,7 +90,7 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
 
 def is_gemm_conv(conv: nn.Module, stride_one: bool = False) -> bool:
     """A plain 1x1 convolution (square stride, no padding, dilation or groups): a GEMM over pixels."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1
+    return (type(conv) is nn.Conv2d and unhooked(conv) and conv.kernel_size == (1, 1) and conv.groups == 1
             and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
             and conv.stride[0] == conv.stride[1] and (not stride_one or conv.stride == (1, 1)))
 
@@ -59,7 +105,8 @@ class Projection:
 
     @staticmethod
     def parse(downsample: nn.Module | None) -> "Projection | None":
-        if not isinstance(downsample, nn.Sequential):
+        # exactly a Sequential without hooks: a subclass's forward or a hook must run
+        if type(downsample) is not nn.Sequential or not unhooked(downsample):
             return None
         parts = list(downsample)
         if len(parts) == 2 and type(parts[0]) is nn.Conv2d:
@@ -88,8 +135,12 @@ def shortcut(downsample: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
 
 
 def add_relu_tail(out: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """``out += skip; out = relu(out)`` as the blocks write it, in one pass (in place, like eager)."""
-    return fr.add_relu_(out, skip if skip.dtype == out.dtype else skip.to(out.dtype))
+    """``out += skip; out = relu(out)`` as the blocks write it, in one pass (in place, like eager). Where
+    the dtypes differ (autocast: a low-precision main path, a float32 shortcut) eager's in-place add
+    computes in the wider type and rounds once: so does this, unfused."""
+    if skip.dtype != out.dtype:
+        return out.add_(skip).relu_()
+    return fr.add_relu_(out, skip)
 
 
 def basic_tail(out: torch.Tensor, x: torch.Tensor, downsample: nn.Module | None) -> torch.Tensor:

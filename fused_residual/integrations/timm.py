@@ -8,10 +8,13 @@ or an active drop-path keeps the add+ReLU tail fused but does not fold conv3+bn3
 
 from __future__ import annotations
 
+import torch
 from timm.models import resnet
 from torch import nn
 
-from ._common import add_relu_tail, basic_tail, bottleneck_tail, conv_bn, passes_through, shortcut
+from ._common import add_relu_tail, basic_tail, bottleneck_tail, conv_bn, passes_through, shortcut, tail_why_not
+
+torch.fx.wrap("add_relu_tail")  # as in _common: one call in FX graphs (this module's name for it)
 
 
 def _tail_act(block: nn.Module) -> nn.Module:
@@ -19,10 +22,7 @@ def _tail_act(block: nn.Module) -> nn.Module:
 
 
 def why_not(block: nn.Module) -> str | None:
-    act = _tail_act(block)
-    if type(act) is not nn.ReLU:
-        return f"tail activation is {type(act).__name__}, not ReLU"
-    return None
+    return tail_why_not(_tail_act(block), "tail activation")
 
 
 class FusedBasicBlock(resnet.BasicBlock):

@@ -14,19 +14,17 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import resnet
 
-from ._common import basic_tail, bottleneck_tail, conv_bn
+from ._common import basic_tail, bottleneck_tail, conv_bn, tail_why_not
 
 
 def why_not(block: nn.Module) -> str | None:
-    """Why ``block`` cannot be converted, or None."""
-    if type(block.relu) is not nn.ReLU:
-        return f"activation is {type(block.relu).__name__}, not ReLU"
-    return None
+    """Why ``block`` cannot run fused, or None (asked at conversion and at every forward)."""
+    return tail_why_not(block.relu)
 
 
 class FusedBasicBlock(resnet.BasicBlock):
     def forward(self, x):
-        if why_not(self):  # the activation was swapped after conversion: run the original block
+        if why_not(self):  # activation swapped or hooked after conversion, global hooks: the original forward
             return super().forward(x)
         out = self.relu(conv_bn(x, self.conv1, self.bn1))
         out = conv_bn(out, self.conv2, self.bn2)
