@@ -39,9 +39,17 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     Nothing is written into z when an argument is rejected.
     """
     _checks.tensors("add_relu_", z=z, skip=skip)
+    if z.is_inference() and not torch.is_inference_mode_enabled():  # the dispatcher's rule, on every path
+        raise RuntimeError("add_relu_: in-place update of an inference tensor outside InferenceMode is not "
+                           "allowed (clone it first)")
     if _direct.transformed():  # as eager's in-place ops: functorch and forward AD handle those
         return z.add_(skip).relu_()
     if torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
+        if torch._C._get_tracing_state() is not None:
+            # torch.jit.trace refuses in-place autograd Functions; the op's autograd kernel records the
+            # backward below the tracer, which sees one fused_residual::add_relu_ node
+            torch.ops.fused_residual.add_relu_(z, skip)
+            return z
         _ar.check_inplace_autograd(z)
         return _ar.AddReLUInplace.apply(z, skip)
     if _direct.plain_eager(z, skip):

@@ -343,3 +343,31 @@ def test_fast_path_under_inference_mode_matches_eager():
         assert torch.allclose(fr.linear_add_relu(x, w, s), fr.reference.linear_add_relu(x, w, s), atol=1e-6)
         fr.add_relu_(z, s)
         assert_bitwise_equal(z, expected)
+    with pytest.raises(RuntimeError, match="inference tensor outside InferenceMode"):
+        fr.add_relu_(z, s)  # as z.add_(s) outside the mode: refused, on the fast path too
+    assert_bitwise_equal(z, expected)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:FutureWarning")  # still traced by users
+def test_jit_trace_of_inplace_add_relu_with_grad():
+    """torch.jit.trace of ``add_relu_`` on tensors that need gradients (a converted ResNet's train-mode
+    tail, or any model with grad enabled): the trace holds the op, and its output and gradients are
+    eager's."""
+    class Tail(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            return fr.add_relu_(self.lin(x), x)
+
+    model = Tail()
+    traced = torch.jit.trace(model, torch.randn(3, 6))
+    assert "fused_residual::add_relu_" in str(traced.graph)
+    x = torch.randn(5, 6, requires_grad=True)
+    out, ref = traced(x), torch.relu(model.lin(x) + x)
+    g = torch.randn_like(ref)
+    assert_bitwise_equal(out, ref, "traced output")
+    leaves = (x, model.lin.weight)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        assert_bitwise_equal(a, b, "traced gradient")
