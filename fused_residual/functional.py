@@ -60,17 +60,7 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _autocast(device_type: str, *tensors):
-    """Under ``torch.autocast`` the GEMM ops run in the autocast dtype, as ``F.linear``/``F.conv2d`` do:
-    every floating input but float64 is cast to it."""
-    # meta tensors have no autocast (torch.amp.is_autocast_available would say so, but torch.compile of
-    # torch 2.11 cannot trace it)
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    # float64 stays float64 under autocast, as with F.linear (and is then refused by name)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
+_autocast = _gemm.autocast_inputs
 
 
 def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
@@ -113,6 +103,7 @@ def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
     """
     _checks.tensors("conv1x1_add_relu", x=x, weight=weight, residual=residual)
     _checks.optional_tensors("conv1x1_add_relu", bias=bias)
+    _gemm._check_stride("conv1x1_add_relu", "stride", stride)  # here, so that every path raises alike
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
     return _direct.run(torch.ops.fused_residual.conv1x1_add_relu, _gemm.Conv1x1AddReLU, _gemm._conv1x1_add_relu,
                        reference.conv1x1_add_relu, x, weight, residual, bias, stride)
@@ -126,6 +117,7 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
     _checks.tensors("dual_conv1x1_add_relu", x=x, weight=weight, shortcut=shortcut,
                     shortcut_weight=shortcut_weight)
     _checks.optional_tensors("dual_conv1x1_add_relu", bias=bias)
+    _gemm._check_stride("dual_conv1x1_add_relu", "shortcut_stride", shortcut_stride)
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
     return _direct.run(torch.ops.fused_residual.dual_conv1x1_add_relu, _gemm.DualConv1x1AddReLU,

@@ -162,10 +162,14 @@ def row_offsets(m, OH, OW, s_img, s_h, s_w, LINEAR: tl.constexpr):
 def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a_sk, w_sn, w_sk,
                A_LINEAR: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                INTERPRET: tl.constexpr):
-    """acc += A[offs_m, :K] @ W[offs_n, :K]^T."""
+    """acc += A[offs_m, :K] @ W[offs_n, :K]^T. The K offsets and steps are int64 too: an NCHW input's
+    channel stride is H * W, and BLOCK_K of those can pass 2**31."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + row_offsets(offs_m, OH, OW, a_sn, a_sh, a_sw, A_LINEAR)[:, None] + offs_k[None, :] * a_sk
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * w_sn + offs_k[:, None] * w_sk
+    offs_k64 = offs_k.to(tl.int64)
+    a_ptrs = a_ptr + row_offsets(offs_m, OH, OW, a_sn, a_sh, a_sw, A_LINEAR)[:, None] + offs_k64[None, :] * a_sk
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * w_sn + offs_k64[:, None] * w_sk
+    a_step = tl.cast(a_sk, tl.int64) * BLOCK_K
+    w_step = tl.cast(w_sk, tl.int64) * BLOCK_K
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
@@ -174,8 +178,8 @@ def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * a_sk
-        w_ptrs += BLOCK_K * w_sk
+        a_ptrs += a_step
+        w_ptrs += w_step
     return acc
 
 

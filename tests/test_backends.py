@@ -119,3 +119,18 @@ def test_cpp_kernels_match_across_instruction_sets():
         m.add_relu_fwd(z, s, out, None)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_cpp_kernels_refuse_mixed_dtypes():
+    """The C++ kernels read every tensor as the output's dtype: another dtype is an error naming it, not
+    reinterpreted bytes."""
+    C = _cpp.module()
+    bf, f32 = torch.randn(4, 6).bfloat16(), torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="add_relu: skip is Float, expected BFloat16"):
+        C.add_relu_fwd(bf, f32, torch.empty_like(bf), None)
+    with pytest.raises(RuntimeError, match="add_relu_bwd: grad is Float, expected BFloat16"):
+        C.add_relu_bwd(f32, bf, None, torch.empty_like(bf))
+    with pytest.raises(RuntimeError, match="bias_relu_rows_: bias is Float, expected BFloat16"):
+        C.bias_relu_rows_(bf, torch.randn(6))
+    with pytest.raises(RuntimeError, match="masked_grad_colsum: out is BFloat16, expected Float"):
+        C.masked_grad_colsum(f32, bf, torch.empty_like(f32), None)

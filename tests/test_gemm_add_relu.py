@@ -10,7 +10,7 @@ import fused_residual as fr
 from fused_residual import reference
 from fused_residual.ops import gemm_add_relu as gemm_ops
 from fused_residual import verify
-from helpers import DTYPES, assert_close_to_ref, device_backend_params, poisoned
+from helpers import DTYPES, assert_bitwise_equal, assert_close_to_ref, device_backend_params, device_params, poisoned
 
 CASES = verify.GEMM_CASES
 
@@ -183,6 +183,26 @@ def test_int64_addressing_past_2_pow_31_elements():
         assert_close_to_ref(out[rows], eager, ref, f"rows {rows}")
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_int64_offsets_along_k(device):
+    """An operand whose K stride is huge (an NCHW input's channel stride is H * W; here x = big.t()): the
+    K offsets and the per-step advance pass 2**31 elements and must not wrap. The storage is one
+    zero-filled allocation touched at 17 elements."""
+    from fused_residual import _triton
+
+    if device == "cpu" and not _triton.interpreting():
+        pytest.skip("the Triton kernel on CPU runs under the interpreter only")
+    k, stride = 17, 2**27 + 16  # 16 * stride > 2**31, and so is one interpreter step of 16 (or 64 on GPU)
+    storage = torch.zeros(16 * stride + 1, dtype=torch.float16, device=device)
+    x = storage.as_strided((1, k), (1, stride))
+    values = torch.arange(1, k + 1, dtype=torch.float16, device=device) / 16
+    x[0] = values
+    w = torch.ones(1, k, dtype=torch.float16, device=device)
+    with poisoned(), fr.use_backend("triton"):
+        out = fr.linear_add_relu(x, w, torch.zeros(1, 1, dtype=torch.float16, device=device))
+    assert out.item() == values.float().sum().item() == 9.5625
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_autocast_runs_in_the_autocast_dtype(device, backend):
     dtype = torch.bfloat16
@@ -301,6 +321,41 @@ def test_public_functions_run_on_meta_tensors():
     assert fr.nn.ResidualBlock(8, 16).to("meta")(torch.empty(3, 8, **m)).shape == (3, 16)
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_registered_ops_autocast_their_inputs(device, backend):
+    """The ops themselves have autocast kernels: a direct torch.ops call, or an exported program run under
+    autocast, gets float32 inputs and must compute in the autocast dtype as the public functions do (the
+    implementations would otherwise see a bf16 product beside a float32 residual)."""
+    def t(*shape):
+        return torch.randn(*shape, device=device)
+
+    x, w, r, b = t(2, 4, 3, 3), t(5, 4, 1, 1), t(2, 5, 3, 3), t(5)
+    xs, ws = t(2, 3, 5, 5), t(5, 3, 1, 1)
+    lx, lw, lr = t(6, 4), t(5, 4), t(6, 5)
+    ops = torch.ops.fused_residual
+    cases = [("linear", ops.linear_add_relu, fr.linear_add_relu, (lx, lw, lr, b)),
+             ("dual linear", ops.dual_linear_add_relu, fr.dual_linear_add_relu,
+              (lx, lw, t(6, 3), t(5, 3), b)),
+             ("conv", ops.conv1x1_add_relu, fr.conv1x1_add_relu, (x, w, r, b, 1)),
+             ("dual conv", ops.dual_conv1x1_add_relu, fr.dual_conv1x1_add_relu, (x, w, xs, ws, b, 2))]
+    for what, op, public, args in cases:
+        with fr.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16):
+            out, expected = op(*args), public(*args)
+        assert out.dtype == torch.bfloat16, what
+        assert_bitwise_equal(out, expected, what)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, w, r):
+            return fr.conv1x1_add_relu(x, w, r)
+
+    program = torch.export.export(Block(), (x, w, r))
+    with fr.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16):
+        out, eager = program.module()(x, w, r), torch.relu(torch.nn.functional.conv2d(x, w) + r)
+    ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double()) + r.double())
+    assert out.dtype == torch.bfloat16
+    assert_close_to_ref(out, eager, ref, "exported program under autocast")
+
+
 def test_autocast_leaves_float64_alone():
     """As F.linear under autocast: float64 is not cast down (it is then refused by name, not silently run in
     bf16)."""
@@ -337,6 +392,15 @@ def test_bad_input_names_the_shapes():
         fr.conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 4, 7, 7), stride=2)
     with pytest.raises(ValueError, match="stride must be a positive int, got 0"):
         fr.conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 4, 7, 7), stride=0)
+    for stride in (2.0, (2, 2), True):  # the same error on the fast path and through torch.ops
+        for plain in (True, False):
+            with pytest.raises(ValueError, match=r"stride must be a positive int, got"), \
+                    (contextlib.nullcontext() if plain else torch.device("cpu")):  # a mode: torch.ops path
+                fr.conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 4, 4, 4), stride=stride)
+            with pytest.raises(ValueError, match=r"shortcut_stride must be a positive int, got"), \
+                    (contextlib.nullcontext() if plain else torch.device("cpu")):
+                fr.dual_conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), xc, torch.randn(4, 8, 1, 1),
+                                         shortcut_stride=stride)
     with pytest.raises(ValueError, match=r"shortcut's stride-1 output \(2, 4, 14, 14\).*main output \(2, 4, 7, 7\)"):
         fr.dual_conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 3, 14, 14), torch.randn(4, 3, 1, 1))
 
@@ -387,6 +451,22 @@ def test_compile_fullgraph_forward_backward(device, backend, case):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     for g, g_ref in zip(_grads(args), _grads(plain_args)):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["static-first", "dynamic"])
+def test_compile_with_a_changing_conv_stride(dynamic):
+    """Dynamo turns an int argument symbolic once its value changes (or from the start with
+    dynamic=True): the ops' shape checks take a symbolic stride."""
+    torch._dynamo.reset()
+    conv = torch.compile(lambda x, w, r, s: fr.conv1x1_add_relu(x, w, r, None, stride=s), fullgraph=True,
+                         dynamic=dynamic)
+    dual = torch.compile(lambda x, w, sc, ws, s: fr.dual_conv1x1_add_relu(x, w, sc, ws, None, shortcut_stride=s),
+                         fullgraph=True, dynamic=dynamic)
+    x, w, ws = torch.randn(2, 4, 8, 8), torch.randn(3, 4, 1, 1), torch.randn(3, 5, 1, 1)
+    for s in (1, 2, 3):
+        r, sc = torch.randn(2, 3, 7 // s + 1, 7 // s + 1), torch.randn(2, 5, 7 * s + 1, 7 * s + 1)
+        torch.testing.assert_close(conv(x, w, r, s), reference.conv1x1_add_relu(x, w, r, None, s))
+        torch.testing.assert_close(dual(x, w, sc, ws, s), reference.dual_conv1x1_add_relu(x, w, sc, ws, None, s))
 
 
 def test_compile_inductor_linear_add_relu():

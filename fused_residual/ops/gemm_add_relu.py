@@ -460,8 +460,12 @@ def _check_bias(op: str, bias, n: int) -> None:
         _checks.shape(op, "bias", bias, (n,), "one value per output feature")
 
 
-def _check_stride(op: str, name: str, stride: int) -> None:
-    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+def _check_stride(op: str, name: str, stride) -> None:
+    """A positive int; under torch.compile a symbolic one too (dynamo makes an int argument dynamic once
+    its value changes between calls)."""
+    if isinstance(stride, torch.SymInt):
+        torch._check(stride >= 1, lambda: f"{op}: {name} must be a positive int, got {stride}")
+    elif not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
         raise ValueError(f"{op}: {name} must be a positive int, got {stride!r}")
 
 
@@ -785,6 +789,46 @@ linear_add_relu.register_autograd(_backward_linear, setup_context=_setup_linear)
 dual_linear_add_relu.register_autograd(_backward_dual_linear, setup_context=_setup_dual_linear)
 conv1x1_add_relu.register_autograd(_backward_conv, setup_context=_setup_conv)
 dual_conv1x1_add_relu.register_autograd(_backward_dual_conv, setup_context=_setup_dual_conv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autocast
+
+
+def autocast_inputs(device_type: str, *args):
+    """Under ``torch.autocast`` the GEMM ops run in the autocast dtype, as ``F.linear``/``F.conv2d`` do:
+    every floating tensor but float64 is cast to it (float64 stays, as with F.linear, and is then refused
+    by name); other arguments pass."""
+    # meta tensors have no autocast (torch.amp.is_autocast_available would say so, but torch.compile of
+    # torch 2.11 cannot trace it)
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return args
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                 else a for a in args)
+
+
+_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
+
+
+def _autocast_kernel(op):
+    """The op's autocast kernel: the public functions cast before calling, but a direct
+    ``torch.ops.fused_residual`` call (an exported program or a compiled graph run under autocast) comes
+    here with the inputs as they are; without it the implementation would see mixed dtypes."""
+    def kernel(keyset, *args):
+        args = autocast_inputs(args[0].device.type, *args)  # before the guard, which turns autocast off
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return op(*args)
+
+    return kernel
+
+
+_autocast_lib = torch.library.Library("fused_residual", "IMPL")
+for _op in (linear_add_relu, dual_linear_add_relu, conv1x1_add_relu, dual_conv1x1_add_relu):
+    for _key in ("AutocastCPU", "AutocastCUDA"):
+        _autocast_lib.impl(_op._name, _autocast_kernel(_op._opoverload), _key, with_keyset=True)
+del _op, _key
 
 # The eager fast path of the four forward ops (fused_residual.ops._direct).
 LinearAddReLU = _direct.function("linear_add_relu", _linear_add_relu, _setup_linear, _backward_linear)

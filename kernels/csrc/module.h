@@ -60,6 +60,12 @@ void check_cpu(const at::Tensor& t, const char* name) {
               t.device());
 }
 
+// The kernels read every tensor as out's scalar type: a tensor of another dtype would be reinterpreted.
+void check_dtype(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " is ", t.scalar_type(), ", expected ",
+              like.scalar_type());
+}
+
 uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, int64_t numel) {
   if (!mask.has_value()) return nullptr;
   TORCH_CHECK(mask->scalar_type() == at::kByte && mask->is_contiguous() && mask->numel() == (numel + 7) / 8,
@@ -76,6 +82,8 @@ void add_relu_fwd(const at::Tensor& z, const at::Tensor& skip, const at::Tensor&
   check_cpu(skip, "skip");
   check_cpu(out, "out");
   TORCH_CHECK(z.sizes() == skip.sizes() && z.sizes() == out.sizes(), "add_relu: shapes differ");
+  check_dtype(z, out, "add_relu", "z");
+  check_dtype(skip, out, "add_relu", "skip");
   uint8_t* m = mask_ptr(mask, out.numel());
   TORCH_CHECK(m == nullptr || out.is_non_overlapping_and_dense(), "add_relu: a mask needs a dense out");
   if (out.numel() == 0) return;
@@ -102,6 +110,8 @@ void add_relu_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& out,
   check_cpu(gin, "gin");
   TORCH_CHECK(out.has_value() != mask.has_value(), "add_relu_bwd: pass exactly one of out and mask");
   TORCH_CHECK(grad.sizes() == gin.sizes(), "add_relu_bwd: shapes differ");
+  check_dtype(grad, gin, "add_relu_bwd", "grad");
+  if (out.has_value()) check_dtype(*out, gin, "add_relu_bwd", "out");
   TORCH_CHECK(gin.is_non_overlapping_and_dense(), "add_relu_bwd: gin must be dense");
   const uint8_t* m = mask_ptr(mask, gin.numel());
   if (out.has_value()) {
@@ -130,6 +140,7 @@ void add_relu_bwd(const at::Tensor& grad, const std::optional<at::Tensor>& out,
 void bias_relu_rows_(const at::Tensor& out, const std::optional<at::Tensor>& bias) {
   check_cpu(out, "out");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "bias_relu_rows_: out must be contiguous 2-D");
+  if (bias.has_value()) check_dtype(*bias, out, "bias_relu_rows_", "bias");
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (out.numel() == 0) return;
   py::gil_scoped_release no_gil;
@@ -145,6 +156,8 @@ void masked_grad_colsum(const at::Tensor& grad, const at::Tensor& out, const at:
   TORCH_CHECK(grad.dim() == 2 && out.sizes() == grad.sizes() && gm.sizes() == grad.sizes() &&
                   grad.is_contiguous() && out.is_contiguous() && gm.is_contiguous(),
               "masked_grad_colsum: grad, out and gm must be contiguous [M, N] tensors");
+  check_dtype(out, grad, "masked_grad_colsum", "out");
+  check_dtype(gm, grad, "masked_grad_colsum", "gm");
   TORCH_CHECK(!colsum.has_value() || (colsum->scalar_type() == at::kFloat && colsum->is_contiguous() &&
                                       colsum->numel() == grad.size(1)),
               "masked_grad_colsum: colsum must be a contiguous float32 [N] tensor");
