@@ -183,6 +183,24 @@ def test_int64_addressing_past_2_pow_31_elements():
         assert_close_to_ref(out[rows], eager, ref, f"rows {rows}")
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_float16_bias_before_residual_as_eager(device, backend):
+    """float16: x @ W^T + residual overflows (60000 + 10000) where eager's order, bias first, stays in
+    range (60000 - 10000 + 10000): the result must be finite and as accurate as eager's."""
+    def h(v):
+        return torch.tensor(v, dtype=torch.float16, device=device)
+
+    x, w, r, b = h([[1.0], [0.5]]), h([[60000.0]]), h([[10000.0], [-3.0]]), h([-10000.0])
+    ws = h([[10000.0]])
+    cases = [("linear", fr.linear_add_relu, reference.linear_add_relu, (x, w, r, b)),
+             ("dual", fr.dual_linear_add_relu, reference.dual_linear_add_relu, (x, w, x, ws, b))]
+    for what, fused, ref_fn, args in cases:
+        with fr.use_backend(backend):
+            out = fused(*args)
+        assert torch.isfinite(out).all(), (what, out)
+        assert_close_to_ref(out, ref_fn(*args), ref_fn(*(a.double() for a in args)), what)
+
+
 @pytest.mark.parametrize("device", device_params())
 def test_int64_offsets_along_k(device):
     """An operand whose K stride is huge (an NCHW input's channel stride is H * W; here x = big.t()): the
@@ -392,6 +410,10 @@ def test_bad_input_names_the_shapes():
         fr.conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 4, 7, 7), stride=2)
     with pytest.raises(ValueError, match="stride must be a positive int, got 0"):
         fr.conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 4, 7, 7), stride=0)
+    with pytest.raises(ValueError, match=r"x \(2, 0, 7, 7\) has no input channels"):
+        fr.conv1x1_add_relu(torch.randn(2, 0, 7, 7), torch.randn(4, 0, 1, 1), torch.randn(2, 4, 7, 7))
+    with pytest.raises(ValueError, match=r"shortcut \(2, 0, 7, 7\) has no input channels"):
+        fr.dual_conv1x1_add_relu(xc, torch.randn(4, 8, 1, 1), torch.randn(2, 0, 7, 7), torch.randn(4, 0, 1, 1))
     for stride in (2.0, (2, 2), True):  # the same error on the fast path and through torch.ops
         for plain in (True, False):
             with pytest.raises(ValueError, match=r"stride must be a positive int, got"), \

@@ -405,15 +405,23 @@ def _cpp_gemm(operands: list[Operand], bias, residual, new_out) -> torch.Tensor:
     M, N = out.shape
     rows = max(64, CPU_BLOCK_BYTES // max(1, N * out.element_size()))
 
+    # float16 with a bias: the bias goes first, as in eager (x @ W^T + residual may overflow float16's
+    # range where x @ W^T + bias + residual does not); the residual then comes with the ReLU pass.
+    bias_first = bias is not None and out.dtype == torch.float16
+
     def block(o, res, xs):
-        # The residual rides in addmm's beta*C term: BLAS writes the block once with it added.
-        if res is not None:
+        if bias_first:
+            torch.addmm(bias, xs[0], first.weight.t(), out=o)
+        elif res is not None:  # the residual rides in addmm's beta*C term: BLAS writes the block once
             torch.addmm(res, xs[0], first.weight.t(), out=o)
         else:
             torch.mm(xs[0], first.weight.t(), out=o)
         for x, op in zip(xs[1:], rest):
             o.addmm_(x, op.weight.t())
-        C.bias_relu_rows_(o, bias)
+        if bias_first and res is not None:
+            C.add_relu_fwd(o, res, o, None)
+        else:
+            C.bias_relu_rows_(o, None if bias_first else bias)
 
     if M <= rows:
         block(out, residual, [op.x for op in operands])
@@ -452,6 +460,8 @@ def _check_weight(op: str, name: str, weight: torch.Tensor, k: int, k_from: str,
         raise ValueError(f"{op}: {name} must be 2-D [N, K], got shape {tuple(weight.shape)}")
     if weight.shape[1] != k:
         raise ValueError(f"{op}: {k_from} has K={k} but {name} {tuple(weight.shape)} has K={weight.shape[1]}")
+    if conv and k == 0:  # F.conv2d returns a wrongly shaped result for that, so no backend can match eager
+        raise ValueError(f"{op}: {k_from} has no input channels; a 1x1 convolution needs at least one")
     return weight.shape[0]
 
 
