@@ -115,16 +115,27 @@ def grid_of(out: torch.Tensor) -> tuple[int, int, int, int]:
     return b * oh * ow, n, oh, ow
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 products use TF32 only where PyTorch's matmul would: ``torch.backends.cuda.matmul.fp32_precision``
-    (``"none"`` defers to ``torch.backends.fp32_precision``), which the legacy ``allow_tf32`` flag also sets.
-    (Reading ``allow_tf32`` raises once the new setting has been used.)"""
+def dot_precision(dtype: torch.dtype, device: torch.device, conv: bool = False) -> str:
+    """fp32 products use TF32 only where PyTorch itself would: for linear layers where its matmul would
+    (``torch.backends.cuda.matmul.fp32_precision``), for 1x1 convolutions where cuDNN's convolutions would
+    (``torch.backends.cudnn.conv.fp32_precision``, TF32 by default); ``"none"`` defers to the parent
+    setting (``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``). The legacy
+    ``allow_tf32`` flags set the same values. (Reading ``allow_tf32`` raises once the new setting has been
+    used.)"""
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is None:  # a torch before the fp32_precision settings
-        return "tf32" if matmul.allow_tf32 else "ieee"
+    if conv:
+        cudnn = torch.backends.cudnn
+        precision = getattr(getattr(cudnn, "conv", None), "fp32_precision", None)
+        if precision is None:  # a torch before the fp32_precision settings
+            return "tf32" if cudnn.allow_tf32 else "ieee"
+        if precision == "none":
+            precision = cudnn.fp32_precision
+    else:
+        matmul = torch.backends.cuda.matmul
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision is None:
+            return "tf32" if matmul.allow_tf32 else "ieee"
     if precision == "none":
         precision = torch.backends.fp32_precision
     return "tf32" if precision == "tf32" else "ieee"
@@ -220,7 +231,7 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
     flags = dict(HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                  A1_LINEAR=a1_lin, A2_LINEAR=a2_lin, R_LINEAR=r_lin, O_LINEAR=o_lin, TMA_READY=False,
                  PREFETCH_EPILOGUE=out.element_size() <= 2,
-                 DOT_PRECISION=dot_precision(out.dtype, out.device),
+                 DOT_PRECISION=dot_precision(out.dtype, out.device, conv=a1.x.dim() == 4),
                  RELU_HW_MAX=relu_uses_hw_max(out.device), INTERPRET=interpret)
     configs = K.config_set(out.element_size(), flags["DOT_PRECISION"])
 
