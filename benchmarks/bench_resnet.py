@@ -73,6 +73,18 @@ def parity(base, fused, x) -> dict:
     return out
 
 
+def models() -> list[str]:
+    """The torchvision ResNet builders (resnet18 ... wide_resnet101_2): the models whose blocks convert."""
+    import torchvision
+
+    return [name for name in torchvision.models.resnet.__all__ if name[0].islower()]
+
+
+def check_model(model: str | None) -> None:
+    if model is not None and model not in models():
+        raise ValueError(f"unknown model {model!r}; expected one of {', '.join(models())}")
+
+
 def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, model: str | None = None,
         batch: int | None = None, dtype: str | None = None, image_size: int | None = None, steps: int | None = None,
         compile: bool = True, train: bool = True, infer: bool = True, variants: tuple[str, ...] | None = None,
@@ -81,14 +93,17 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, mo
     two with ``compile=False``); ``check=False`` skips the parity check against the unconverted model."""
     import torchvision
 
+    check_model(model)
     cfg = defaults(device, quick)
-    model = model or cfg["model"]
-    batch, dname = batch or cfg["batch"], dtype or cfg["dtype"]
-    image_size, steps = image_size or cfg["image_size"], steps or cfg["steps"]
+    model = model if model is not None else cfg["model"]
+    batch = batch if batch is not None else cfg["batch"]
+    dname = dtype if dtype is not None else cfg["dtype"]
+    image_size = image_size if image_size is not None else cfg["image_size"]
+    steps = steps if steps is not None else cfg["steps"]
     tdtype = common.DTYPES[dname]
     cl = torch.channels_last
     bench = common.Bench("resnet", device, quick, out_dir)
-    base = _randomize_bn(torchvision.models.__dict__[model]()).to(device=device, dtype=tdtype, memory_format=cl)
+    base = _randomize_bn(getattr(torchvision.models.resnet, model)()).to(device=device, dtype=tdtype, memory_format=cl)
     fused = fr.convert(copy.deepcopy(base))
     print(fr.conversion_report(fused), flush=True)
     x = torch.randn(batch, 3, image_size, image_size, device=device, dtype=tdtype).contiguous(memory_format=cl)
@@ -128,7 +143,7 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, mo
             try:
                 ms, peak = _timed(step, steps, device)
             except Exception as exc:  # e.g. a compile failure: report it and go on with the others
-                print(f"{model} {mode} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                bench.fail(f"{model} {mode} {name}", exc)
                 continue
             bench.add(common.Row(f"{model} {mode}", shape, dname, name, mode, ms, batch / ms * 1e3, "img/s",
                                  peak_mem_mb=peak))

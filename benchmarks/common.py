@@ -91,6 +91,11 @@ class Row:
     date: str = ""
 
 
+# Every measurement that failed in this process ("op mode shape dtype provider: error"), in order: each
+# table ends with its own, and the CLI exits 1 when a run added any.
+FAILURES: list[str] = []
+
+
 @dataclass
 class Bench:
     name: str
@@ -99,6 +104,7 @@ class Bench:
     out_dir: str | None = None
     rows: list[Row] = field(default_factory=list)
     total: int | None = None  # expected number of measurements, for the progress line
+    failures: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self._dev = device_name(self.device)
@@ -115,7 +121,7 @@ class Bench:
         try:
             ms = time_ms(fn, self.device, self.quick)
         except Exception as exc:  # one provider failing (e.g. compile unsupported) must not end the run
-            print(f"  {op} {mode} {shape_s} {dtype} {provider}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            self.fail(f"{op} {mode} {shape_s} {dtype} {provider}", exc)
             return None
         if flops is not None:
             metric, unit = flops / ms / 1e9, "TFLOP/s"
@@ -167,9 +173,19 @@ class Bench:
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
         return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines)
 
+    def fail(self, what: str, exc: BaseException) -> None:
+        """Report a measurement that raised, and keep it for the end of the table and the exit status."""
+        line = f"{what}: {type(exc).__name__}: {exc}"
+        print(f"  {what}: FAILED {type(exc).__name__}: {exc}", flush=True)
+        self.failures.append(line)
+        FAILURES.append(line)
+
     def finish(self) -> list[Row]:
         print_autotune_choices(self.device)
         print(f"\n{self.name} on {self._dev} ({self._ver})\n{self.table()}", flush=True)
+        if self.failures:
+            print(f"{len(self.failures)} measurement(s) FAILED:" + "".join(f"\n  {f}" for f in self.failures),
+                  flush=True)
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
             path = os.path.join(self.out_dir, f"{self.name}.csv")

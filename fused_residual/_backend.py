@@ -13,13 +13,15 @@ Chosen, innermost first, by ``with fused_residual.use_backend(name):`` and the e
 ``auto`` on CPU without the C++ kernels, gives bit-identical results for ``add_relu`` and warns once.
 
 The choice is read when an op *runs*, inside the opaque custom op, so it also applies to code compiled
-with ``torch.compile`` or exported with ``torch.export``.
+with ``torch.compile`` or exported with ``torch.export``. A backward runs under the choice its forward ran
+under (eager mode; compiled backward graphs read the choice in effect where they run).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import warnings
 
@@ -50,6 +52,39 @@ def use_backend(name: str):
         yield
     finally:
         _override.reset(token)
+
+
+def remember(ctx) -> None:
+    """Keep the ``use_backend`` choice in effect during a forward (if any) on its autograd ``ctx``, for
+    :func:`under_forward_backend`."""
+    ctx.fused_residual_backend = _override.get()
+
+
+def records_backend(setup_context):
+    """Decorates an op's autograd ``setup_context``: :func:`remember`, then the formula's own set-up."""
+    @functools.wraps(setup_context)
+    def setup(ctx, *args, **kwargs):
+        remember(ctx)
+        return setup_context(ctx, *args, **kwargs)
+    return setup
+
+
+def under_forward_backend(backward):
+    """Decorates an op's autograd ``backward``: it runs under its forward's ``use_backend`` choice. Autograd
+    may run a backward on another thread (CUDA's device threads, a thread pool), which does not see the
+    context variable, or after the ``with`` block has ended. Without a choice at the forward, the one in
+    effect at the backward applies."""
+    @functools.wraps(backward)
+    def run(ctx, *grads, **kwargs):
+        name = getattr(ctx, "fused_residual_backend", None)
+        if name is None:
+            return backward(ctx, *grads, **kwargs)
+        token = _override.set(name)
+        try:
+            return backward(ctx, *grads, **kwargs)
+        finally:
+            _override.reset(token)
+    return run
 
 
 def current_backend() -> str:

@@ -25,7 +25,12 @@ def _info(args) -> int:
               f"{torch.get_num_threads()} threads); no CUDA device")
     cpp_ok, cpp_why = _backend.cpp_status()
     print(f"C++      {'built: ' if cpp_ok else 'NOT available: '}{cpp_why}")
-    print(f"backend  {_backend.current_backend()} (FUSED_RESIDUAL_BACKEND / use_backend)")
+    try:
+        print(f"backend  {_backend.current_backend()} (FUSED_RESIDUAL_BACKEND / use_backend)")
+        status = 0
+    except ValueError as exc:  # a bad FUSED_RESIDUAL_BACKEND: say so, and still list the backends
+        print(f"backend  INVALID: {exc}")
+        status = 1
     print("backends that can run here:")
     for name in _backend.BACKENDS[1:]:
         for device in ("cpu", "cuda"):
@@ -38,7 +43,7 @@ def _info(args) -> int:
                 except _backend.BackendUnavailable as exc:
                     verdict = f"no ({exc})"
             print(f"  {name:7s} on {device}: {verdict}")
-    return 0
+    return status
 
 
 def _device(name: str | None) -> str:
@@ -76,19 +81,37 @@ def _bench(args) -> int:
 
     device = _device(args.device)
     module = importlib.import_module(f"fused_residual._benchmarks.bench_{args.which}")
+    from ._benchmarks import common
+
+    failed = len(common.FAILURES)
     module.run(device=device, quick=args.quick, out_dir=args.out)
-    return 0
+    return 1 if len(common.FAILURES) > failed else 0  # a provider failed (listed at the end of its table)
 
 
 def _resnet(args) -> int:
-    from ._benchmarks import bench_resnet
+    from ._benchmarks import bench_resnet, common
 
     device = _device(args.device)
+    try:
+        bench_resnet.check_model(args.model)
+    except ValueError as exc:
+        raise SystemExit(f"fused-residual resnet: {exc}") from None
+    failed = len(common.FAILURES)
     rows = bench_resnet.run(device=device, quick=args.quick, out_dir=args.out, model=args.model, batch=args.batch,
                             dtype=args.dtype, image_size=args.image_size, steps=args.steps,
                             compile=not args.no_compile)
     bad = [r for r in rows if r.unit == "rel err" and not r.metric <= (1e-4 if r.dtype == "fp32" else 5e-2)]
-    return 1 if bad else 0
+    return 1 if bad or len(common.FAILURES) > failed else 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resnet", help="the main job: convert a torchvision ResNet, check it, time training and "
                                       "inference for eager, fused, compile and compile + fused")
-    p.add_argument("--model", default=None, help="torchvision model name (default: resnet50; --quick: resnet18)")
-    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on CPU (--quick: 32 / 2)")
+    p.add_argument("--model", default=None,
+                   help="a torchvision ResNet: resnet18/34/50/101/152, resnext*, wide_resnet* (default: resnet50; "
+                        "--quick: resnet18)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="default: 256 on CUDA, 8 on CPU (--quick: 32 / 2)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--image-size", type=int, default=None, help="default: 224 (--quick: 64 on CPU)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--image-size", type=_positive_int, default=None, help="default: 224 (--quick: 64 on CPU)")
+    p.add_argument("--steps", type=_positive_int, default=None,
                    help="timed iterations per variant (default: 10 on CUDA, 3 on CPU; --quick: 3 / 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")

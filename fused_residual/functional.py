@@ -39,7 +39,8 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     Nothing is written into z when an argument is rejected.
     """
     _checks.tensors("add_relu_", z=z, skip=skip)
-    if z.is_inference() and not torch.is_inference_mode_enabled():  # the dispatcher's rule, on every path
+    # the dispatcher's rule, on the fast path too (compiled code calls the op: the dispatcher checks there)
+    if not torch.compiler.is_compiling() and z.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError("add_relu_: in-place update of an inference tensor outside InferenceMode is not "
                            "allowed (clone it first)")
     if _direct.transformed():  # as eager's in-place ops: functorch and forward AD handle those

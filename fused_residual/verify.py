@@ -10,8 +10,9 @@ machine is what CI asserts.
 * GEMM ops: forward and every gradient within ``2 * eager's error + atol * max(1, |ref|)`` of float64
   (``fused_residual.testing.accuracy``); the output gradient is zeroed where the float64 pre-activation is
   within a rounding margin of the ReLU kink, where eager's own gate flips with rounding.
-* a converted torchvision Bottleneck (projection shortcut, stride 2) against the unconverted block, in
-  eval (BN folded into the dual GEMM) and train mode.
+* a converted torchvision Bottleneck (projection shortcut, stride 2) against the unconverted block: eval
+  (BN folded into the dual GEMM) within the GEMM bound; train (the add_relu_ tail) bit-identical in the
+  output, the input and parameter gradients, and the BN running statistics.
 """
 
 from __future__ import annotations
@@ -256,17 +257,34 @@ def check_resnet_block(dtype: torch.dtype, device: str, backend: str | None, tra
             nn.init.uniform_(m.bias, -0.3, 0.3)
     block = block.to(device=device, dtype=dtype).train(train)
     fused = integrations.convert(copy.deepcopy(block))
-    ref64 = copy.deepcopy(block).double()
     x = torch.randn(2, 32, 8, 8, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    op, dname, lay = "resnet Bottleneck", _dtype_name(dtype), "channels_last"
+    if train:  # the tail is add_relu_: output, gradients and BN statistics bit-identical to the unconverted
+        xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        eager = block(xe)
+        grad = torch.randn_like(eager)
+        eager.backward(grad)
+        with _backend.use_backend(backend or _backend.current_backend()):
+            out = fused(xf)
+            out.backward(grad)
+
+        def flat(tensors):
+            return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+        pairs = [("train forward", out, eager), ("train grad of x", xf.grad, xe.grad),
+                 ("train grads of parameters", flat(p.grad for p in fused.parameters()),
+                  flat(p.grad for p in block.parameters())),
+                 ("train BN running statistics", flat(b for b in fused.buffers() if b.is_floating_point()),
+                  flat(b for b in block.buffers() if b.is_floating_point()))]
+        return [_exact(op, dtype, lay, None, what, actual, expected) for what, actual, expected in pairs]
+    ref64 = copy.deepcopy(block).double()
     with torch.no_grad():
         eager = block(x)
         expected = ref64(x.double())
         with _backend.use_backend(backend or _backend.current_backend()):
             out = fused(x)
     acc = accuracy(out, eager, expected)
-    what = "train forward" if train else "eval forward (BN folded)"
-    return [Check("resnet Bottleneck", _dtype_name(dtype), "channels_last", _shape(out.shape), what,
-                  acc.error, acc.eager_error, acc.ok)]
+    return [Check(op, dname, lay, _shape(out.shape), "eval forward (BN folded)", acc.error, acc.eager_error, acc.ok)]
 
 
 # ---- the grid ----------------------------------------------------------------------------------------------

@@ -134,3 +134,42 @@ def test_cpp_kernels_refuse_mixed_dtypes():
         C.bias_relu_rows_(bf, torch.randn(6))
     with pytest.raises(RuntimeError, match="masked_grad_colsum: out is BFloat16, expected Float"):
         C.masked_grad_colsum(f32, bf, torch.empty_like(f32), None)
+
+
+def test_backward_runs_under_its_forward_backend_choice(monkeypatch):
+    """A backward runs under the use_backend choice of its forward, even on a thread that does not see the
+    context variable (CUDA runs backward on its device threads) or after the ``with`` block; without a
+    choice at the forward, the one in effect at the backward applies."""
+    import threading
+
+    seen = []
+    real = _backend.resolve
+    monkeypatch.setattr(_backend, "resolve", lambda device: seen.append(_backend.current_backend()) or real(device))
+
+    def leaves(*shapes):
+        return [torch.randn(*s, requires_grad=True) for s in shapes]
+
+    def inplace(z, s):
+        return fr.add_relu_(z * 1, s)
+
+    cases = [(fr.add_relu, leaves((4, 5), (4, 5))),
+             (lambda z, s: fr.add_relu(z, s, save="mask"), leaves((4, 5), (4, 5))),
+             (inplace, leaves((4, 5), (4, 5))),
+             (fr.linear_add_relu, leaves((4, 3), (5, 3), (4, 5), (5,))),
+             (fr.dual_linear_add_relu, leaves((4, 3), (5, 3), (4, 2), (5, 2), (5,))),
+             (fr.conv1x1_add_relu, leaves((2, 3, 4, 4), (5, 3, 1, 1), (2, 5, 4, 4), (5,))),
+             (fr.dual_conv1x1_add_relu, leaves((2, 3, 4, 4), (5, 3, 1, 1), (2, 2, 4, 4), (5, 2, 1, 1)))]
+    for fn, args in cases:
+        with fr.use_backend("eager"):
+            out = fn(*args)
+        seen.clear()
+        worker = threading.Thread(target=lambda: out.sum().backward())  # a fresh context: no choice there
+        worker.start()
+        worker.join()
+        assert seen and set(seen) == {"eager"}, (fn, seen)
+        assert all(a.grad is not None for a in args)
+        out = fn(*args)  # no choice at the forward: the backward's applies
+        seen.clear()
+        with fr.use_backend("eager"):
+            out.sum().backward()
+        assert seen and set(seen) == {"eager"}, (fn, seen)

@@ -32,6 +32,49 @@ def test_info_names_versions_and_backends():
         assert word in res.stdout, word
 
 
+def test_info_reports_a_bad_backend_variable_and_goes_on(monkeypatch, capsys):
+    monkeypatch.setenv("FUSED_RESIDUAL_BACKEND", "cuda-graphs")
+    assert cli.main(["info"]) == 1
+    out = capsys.readouterr().out
+    assert "backend  INVALID: unknown fused_residual backend 'cuda-graphs'" in out
+    assert "eager   on cpu: yes" in out  # the rest of the report still comes
+
+
+def test_resnet_refuses_bad_options_by_name(capsys):
+    for bad in (["--batch", "0"], ["--steps", "-1"], ["--image-size", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["resnet", *bad])
+        assert exc.value.code == 2
+        assert "expected a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"unknown model 'resnet_50'; expected one of resnet18, .*wide_resnet101_2"):
+        cli.main(["resnet", "--model", "resnet_50"])
+
+
+def test_bench_and_resnet_exit_1_when_a_measurement_fails(monkeypatch, tmp_path, capsys):
+    """A provider that raises is reported, listed under the table, and makes the command exit 1 (the
+    other providers still run)."""
+    import fused_residual as fr
+    from fused_residual._benchmarks import bench_resnet
+
+    monkeypatch.setattr(fr, "add_relu", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure")))
+    assert cli.main(["bench", "add_relu", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "measurement(s) FAILED" in out and "injected failure" in out and "eager" in out
+    real_timed = bench_resnet._timed
+    calls = []
+
+    def timed(step, steps, device):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real_timed(step, steps, device)
+
+    monkeypatch.setattr(bench_resnet, "_timed", timed)
+    assert cli.main(["resnet", "--quick", "--no-compile", "--device", "cpu", "--steps", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "measurement(s) FAILED" in out and "train fused: RuntimeError: injected failure" in out
+
+
 def test_verify_quick_passes_and_names_every_op(capsys):
     assert cli.main(["verify", "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

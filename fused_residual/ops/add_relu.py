@@ -244,16 +244,19 @@ def _(grad, mask, out_stride):
 # Autograd
 
 
+@_backend.records_backend
 def _setup_output(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
+@_backend.under_forward_backend
 def _backward_output(ctx, grad):
     (out,) = ctx.saved_tensors
     gin = _direct.call(add_relu_backward, _add_relu_backward, grad, out)
     return gin, gin
 
 
+@_backend.records_backend
 def _setup_mask(ctx, inputs, output):
     out, mask = output
     ctx.mark_non_differentiable(mask)
@@ -261,26 +264,31 @@ def _setup_mask(ctx, inputs, output):
     ctx.out_stride = out.stride()
 
 
+@_backend.under_forward_backend
 def _backward_mask(ctx, grad, _grad_mask):
     (mask,) = ctx.saved_tensors
     gin = _direct.call(add_relu_mask_backward, _add_relu_mask_backward, grad, mask, ctx.out_stride)
     return gin, gin
 
 
+@_backend.records_backend
 def _setup_backward(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
 
 
+@_backend.under_forward_backend
 def _backward_of_backward(ctx, grad):
     (out,) = ctx.saved_tensors
     return add_relu_backward(grad, out), None
 
 
+@_backend.records_backend
 def _setup_mask_backward(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
     ctx.out_stride = inputs[2]
 
 
+@_backend.under_forward_backend
 def _backward_of_mask_backward(ctx, grad):
     (mask,) = ctx.saved_tensors
     return add_relu_mask_backward(grad, mask, ctx.out_stride), None, None
@@ -301,9 +309,11 @@ class AddReLUInplace(torch.autograd.Function):
         _direct.call(add_relu_inplace, _add_relu_inplace, z, skip)
         ctx.mark_dirty(z)
         ctx.save_for_backward(z)
+        _backend.remember(ctx)
         return z
 
     @staticmethod
+    @_backend.under_forward_backend
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
         gin = _direct.call(add_relu_backward, _add_relu_backward, grad, out)

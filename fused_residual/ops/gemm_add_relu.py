@@ -696,10 +696,12 @@ def _(grad, out, with_colsum):
             out.new_empty((n,) if with_colsum else (0,), dtype=torch.float32))
 
 
+@_backend.records_backend
 def _setup_relu_grad_colsum(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
 
 
+@_backend.under_forward_backend
 def _backward_relu_grad_colsum(ctx, grad_gm, grad_colsum):
     """Double backward: both outputs are linear in ``grad`` (the column sum adds each channel's masked
     values), so ``grad`` receives the ReLU gate applied to grad_gm + grad_colsum broadcast over channels."""
@@ -737,6 +739,7 @@ def _conv_grads(gm, x, weight, stride, need_x, need_w):
 # place after the forward is then no error, and nothing is held longer than needed.
 
 
+@_backend.records_backend
 def _setup_linear(ctx, inputs, output):
     x, weight, residual, bias = inputs
     need = ctx.needs_input_grad
@@ -745,6 +748,7 @@ def _setup_linear(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+@_backend.under_forward_backend
 def _backward_linear(ctx, grad):
     x, weight, out = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -753,6 +757,7 @@ def _backward_linear(ctx, grad):
     return gx, gw, gm.view(out.shape) if need[2] else None, gb
 
 
+@_backend.records_backend
 def _setup_dual_linear(ctx, inputs, output):
     x, weight, shortcut, shortcut_weight, bias = inputs
     need = ctx.needs_input_grad
@@ -762,6 +767,7 @@ def _setup_dual_linear(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+@_backend.under_forward_backend
 def _backward_dual_linear(ctx, grad):
     x, weight, shortcut, shortcut_weight, out = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -771,6 +777,7 @@ def _backward_dual_linear(ctx, grad):
     return gx, gw, gs, gsw, gb
 
 
+@_backend.records_backend
 def _setup_conv(ctx, inputs, output):
     x, weight, residual, bias, stride = inputs
     conv = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -779,6 +786,7 @@ def _setup_conv(ctx, inputs, output):
     ctx.stride = stride
 
 
+@_backend.under_forward_backend
 def _backward_conv(ctx, grad):
     x, weight, out = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -787,6 +795,7 @@ def _backward_conv(ctx, grad):
     return gx, gw, gm if need[2] else None, gb, None
 
 
+@_backend.records_backend
 def _setup_dual_conv(ctx, inputs, output):
     x, weight, shortcut, shortcut_weight, bias, shortcut_stride = inputs
     need = ctx.needs_input_grad
@@ -797,6 +806,7 @@ def _setup_dual_conv(ctx, inputs, output):
     ctx.shortcut_stride = shortcut_stride
 
 
+@_backend.under_forward_backend
 def _backward_dual_conv(ctx, grad):
     x, weight, shortcut, shortcut_weight, out = ctx.saved_tensors
     need = ctx.needs_input_grad
