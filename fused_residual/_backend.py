@@ -56,8 +56,9 @@ def use_backend(name: str):
 
 def remember(ctx) -> None:
     """Keep the ``use_backend`` choice in effect during a forward (if any) on its autograd ``ctx``, for
-    :func:`under_forward_backend`."""
-    ctx.fused_residual_backend = _override.get()
+    :func:`under_forward_backend`. Under torch.compile, nothing: compiled backward graphs read the choice
+    where they run (and dynamo of torch 2.11 cannot trace ``ContextVar.get``)."""
+    ctx.fused_residual_backend = None if torch.compiler.is_compiling() else _override.get()
 
 
 def records_backend(setup_context):

@@ -247,6 +247,58 @@ def test_hooks_and_reparametrisations_on_block_modules_take_effect(train):
         assert _rel(out, ref) < 1e-4
 
 
+def test_hooks_present_at_conversion_are_asked_per_call():
+    """A global hook (profilers and FLOP counters install them) or a tail-activation hook present when
+    convert() runs does not stop the conversion: the blocks run their original forward while it lasts, as
+    the report says, and fused afterwards."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = torchvision.models.resnet18(num_classes=10)
+    handle = register_module_forward_hook(lambda m, i, o: None)
+    tail = model.layer2[1].relu.register_forward_hook(lambda m, i, o: None)
+    try:
+        fr.convert(model)
+        report = fr.conversion_report(model)
+        assert report.counts() == {"torchvision.BasicBlock": 8}
+        assert len(report.unfused_now) == 8 and "global module hooks" in report.unfused_now[0][2]
+    finally:
+        handle.remove()
+    report = fr.conversion_report(model)
+    assert report.unfused_now == [("layer2.1", "torchvision.BasicBlock", "activation has hooks (the fused tail "
+                                                                         "does not call it)")]
+    tail.remove()
+    assert not fr.conversion_report(model).unfused_now
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_skipped_identity_drop_path_and_instance_forward_run_when_hooked(train):
+    """The other modules the fused path may skip: a downsample's Identity pool (timm 'd' variants'
+    stride-1 blocks), an eval-mode DropPath, and any module whose forward was replaced on the instance
+    (accelerate's hooks) are called when hooked."""
+    def make():
+        model = timm.create_model("resnet26d", num_classes=10, drop_path_rate=0.1)
+        model.layer1[0].downsample[0].register_forward_hook(lambda m, i, o: o * 0.5)
+        model.layer2[1].drop_path.register_forward_hook(lambda m, i, o: o - 0.25)
+        conv = model.layer3[0].downsample[1]
+        real = conv.forward
+        conv.forward = lambda x: real(x) * 2.0  # an instance attribute, as accelerate sets
+        return model
+
+    torch.manual_seed(0)
+    model, fused = _hooked_pair(make, train)
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ref = model(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = fused(x)
+    if train:
+        assert_bitwise_equal(out, ref, "train")
+    else:
+        assert _rel(out, ref) < 1e-4
+
+
 def test_global_module_hooks_run_the_original_forward():
     """With a module hook registered for every module, converted blocks run their original forward, so that
     the hook fires as often as without conversion."""
@@ -314,7 +366,7 @@ def test_half_model_with_float32_batchnorm_in_eval():
 @pytest.mark.parametrize("family", ["torchvision", "timm"])
 def test_fx_feature_extraction_of_converted_model(family):
     """torchvision's create_feature_extractor (FX symbolic tracing) works on converted models, with the
-    fused calls as graph nodes: eval close to the unconverted model, train bit-identical."""
+    fused tails as graph nodes: eval close to the unconverted model, train bit-identical."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
     make = (lambda: torchvision.models.resnet50(num_classes=10)) if family == "torchvision" else \
@@ -323,7 +375,7 @@ def test_fx_feature_extraction_of_converted_model(family):
     nodes = {"layer2": "mid", "layer4": "last"}
     fe_ref, fe = create_feature_extractor(model, nodes), create_feature_extractor(fused, nodes)
     targets = {getattr(n.target, "__name__", "") for n in fe.graph.nodes if n.op == "call_function"}
-    assert {"dual_conv1x1_add_relu", "conv1x1_add_relu"} <= targets
+    assert "add_relu_tail" in targets
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref, out = fe_ref(x), fe(x)
@@ -332,6 +384,25 @@ def test_fx_feature_extraction_of_converted_model(family):
     ref, out = fe_ref(x), fe(x)
     for k in ("mid", "last"):
         assert_bitwise_equal(out[k], ref[k], f"train {k}")
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_fx_graph_traced_in_one_mode_is_right_in_the_other(family):
+    """An FX trace freezes decisions taken from module state: BN is left unfolded there (BN stays a module
+    call, which reads its mode when the graph runs), so a graph traced in eval mode is right in train mode
+    and the other way round."""
+    def make():
+        if family == "torchvision":
+            return torchvision.models.resnet18(num_classes=10)
+        return timm.create_model("resnet50", num_classes=10, drop_path_rate=0.0)
+
+    for traced_in, run_in in (("eval", "train"), ("train", "eval")):
+        model, fused = _hooked_pair(make, traced_in == "train")
+        ref_graph, graph = torch.fx.symbolic_trace(model), torch.fx.symbolic_trace(fused)
+        ref_graph.train(run_in == "train"), graph.train(run_in == "train")
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            assert_bitwise_equal(graph(x), ref_graph(x), f"traced in {traced_in}, run in {run_in}")
 
 
 def test_fx_symbolic_trace_of_residual_block():

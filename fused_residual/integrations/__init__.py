@@ -2,9 +2,9 @@
 
 Recognised blocks (torchvision and timm ``BasicBlock`` / ``Bottleneck``, exact classes) get their class
 swapped for a fused subclass whose ``forward`` calls the fused ops; parameters, buffers and ``state_dict``
-are untouched. Blocks whose tail activation is not ReLU or carries hooks, and subclasses (whatever they
-override), are left alone; :func:`conversion_report` says which blocks were converted and why others were
-not.
+are untouched. Blocks whose tail activation is not ReLU, and subclasses (whatever they override), are left
+alone; :func:`conversion_report` says which blocks were converted and why others were not, and which
+converted blocks run their original forward at the moment (hooks on skipped modules, global hooks).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def _families():
 class ConversionReport:
     converted: list[tuple[str, str]] = field(default_factory=list)  # (module name, block kind)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (module name, block kind, reason)
+    # converted blocks that run their original forward at the moment (hooks): (module name, kind, reason)
+    unfused_now: list[tuple[str, str, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -48,6 +50,8 @@ class ConversionReport:
         done = ", ".join(f"{n} x {kind}" for kind, n in sorted(self.counts().items())) or "none"
         lines = [f"fused_residual: converted {len(self.converted)} blocks ({done}); skipped {len(self.skipped)}"]
         lines += [f"  skipped {name} ({kind}): {why}" for name, kind, why in self.skipped]
+        lines += [f"  converted {name} ({kind}) runs its original forward now: {why}"
+                  for name, kind, why in self.unfused_now]
         return "\n".join(lines)
 
 
@@ -59,9 +63,14 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     for name, m in model.named_modules():
         t = type(m)
         if t in fused:
-            report.converted.append((name, fused[t][1]))
+            base, kind = fused[t]
+            report.converted.append((name, kind))
+            why = blocks[base][1](m)  # at this moment: hooks send a block back to its original forward
+            if why:
+                report.unfused_now.append((name, kind, why))
         elif t in blocks:
-            report.skipped.append((name, blocks[t][2], blocks[t][1](m) or "not converted (revert or new block)"))
+            report.skipped.append((name, blocks[t][2], blocks[t][1](m, now=False)
+                                   or "not converted (revert or new block)"))
         else:
             for base, (_, _, kind) in blocks.items():
                 if isinstance(m, base):
@@ -84,7 +93,7 @@ def convert(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     blocks = _families()
     for m in model.modules():
         entry = blocks.get(type(m))
-        if entry is not None and entry[1](m) is None:
+        if entry is not None and entry[1](m, now=False) is None:  # structure only: hooks are asked per call
             m.__class__ = entry[0]
     log.info("%s", conversion_report(model))
     return model

@@ -5,9 +5,11 @@ in eval mode with running statistics. Folded weights are computed from the curre
 at each forward, so they are never stale and carry autograd; nothing is stored on the modules, so
 ``state_dict`` and ``load_state_dict`` behave exactly as before conversion.
 
-A module the fused path would not call (a folded conv or BN, a parsed downsample, the tail activation) is
-called after all when it carries forward or backward hooks: weight_norm, spectral_norm and pruning work
-through forward pre-hooks, and feature extraction through forward hooks.
+A module the fused path would not call (a folded conv or BN, a parsed downsample or its Identity pool, an
+eval-mode drop-path, the tail activation) is called after all when it carries forward or backward hooks or
+an instance-level ``forward``: weight_norm, spectral_norm and pruning work through forward pre-hooks,
+feature extraction through forward hooks, accelerate by replacing ``forward``. Under FX symbolic tracing
+no BN is folded (the graph would keep eval mode for good).
 """
 
 from __future__ import annotations
@@ -28,9 +30,19 @@ torch.fx.wrap("fold_bn_tensors")
 
 
 def unhooked(m: nn.Module) -> bool:
-    """``m`` has no forward or backward hooks of its own: the fused path may compute its output without
-    calling it."""
-    return not (m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
+    """``m`` has no forward or backward hooks of its own, nor a ``forward`` set on the instance (as
+    accelerate's hooks do): the fused path may compute its output without calling it."""
+    return not (m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)
+
+
+def fx_tracing() -> bool:
+    """Under FX symbolic tracing every decision taken from a module's state is frozen into the graph: the
+    helpers then take the choices that are right in either mode (no BN folding, drop-path kept)."""
+    tracing = torch.fx._symbolic_trace
+    if hasattr(tracing, "is_fx_symbolic_tracing"):  # torch 2.12+; earlier ones keep a module flag
+        return tracing.is_fx_symbolic_tracing()
+    return tracing._is_fx_tracing_flag and not torch.compiler.is_compiling()  # (torch.export traces fold)
 
 
 def global_hooks() -> bool:
@@ -40,11 +52,14 @@ def global_hooks() -> bool:
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
-def tail_why_not(act: nn.Module, name: str = "activation") -> str | None:
-    """Why a block whose tail activation is ``act`` must run its original forward, or None. The fused tail
-    never calls the activation module."""
+def tail_why_not(act: nn.Module, name: str = "activation", now: bool = True) -> str | None:
+    """Why a block whose tail activation is ``act`` cannot be converted (``now`` false: what its structure
+    says), or must run its original forward at this call (``now``: hooks too). The fused tail never calls
+    the activation module."""
     if type(act) is not nn.ReLU:
         return f"{name} is {type(act).__name__}, not ReLU"
+    if not now:
+        return None
     if not unhooked(act):
         return f"{name} has hooks (the fused tail does not call it)"
     if global_hooks():
@@ -53,9 +68,10 @@ def tail_why_not(act: nn.Module, name: str = "activation") -> str | None:
 
 
 def bn_foldable(bn: nn.Module) -> bool:
-    """``bn`` normalises with fixed statistics right now (eval mode, running stats present)."""
+    """``bn`` normalises with fixed statistics right now (eval mode, running stats present), has no hooks,
+    and no FX trace is being made (a graph with the BN folded would be wrong once switched to train)."""
     return (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
-            and bn.running_var is not None and unhooked(bn))
+            and bn.running_var is not None and unhooked(bn) and not fx_tracing())
 
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
@@ -111,8 +127,11 @@ class Projection:
         parts = list(downsample)
         if len(parts) == 2 and type(parts[0]) is nn.Conv2d:
             return Projection(None, parts[0], parts[1])
-        if len(parts) == 3 and type(parts[1]) is nn.Conv2d and isinstance(parts[0], (nn.AvgPool2d, nn.Identity)):
-            return Projection(None if isinstance(parts[0], nn.Identity) else parts[0], parts[1], parts[2])
+        if len(parts) == 3 and type(parts[1]) is nn.Conv2d:
+            if type(parts[0]) is nn.Identity and unhooked(parts[0]):  # skipped: it must be a plain Identity
+                return Projection(None, parts[1], parts[2])
+            if isinstance(parts[0], nn.AvgPool2d):  # called
+                return Projection(parts[0], parts[1], parts[2])
         return None
 
     def gemm_ready(self) -> bool:
@@ -169,7 +188,13 @@ def bottleneck_tail(h: torch.Tensor, x: torch.Tensor, conv3: nn.Module, bn3: nn.
 
 
 def passes_through(m: nn.Module | None) -> bool:
-    """``m`` is absent or returns its input unchanged right now (Identity, or drop-path in eval mode)."""
-    if m is None or isinstance(m, nn.Identity):
+    """``m`` is absent or returns its input unchanged right now (a plain Identity, or drop-path in eval
+    mode or with probability 0), without hooks, so that skipping the call changes nothing."""
+    if m is None:
         return True
-    return type(m).__name__ == "DropPath" and (not m.training or getattr(m, "drop_prob", 1.0) == 0.0)
+    if not unhooked(m):
+        return False
+    if type(m) is nn.Identity:
+        return True
+    return (type(m).__name__ == "DropPath" and not fx_tracing()
+            and (not m.training or getattr(m, "drop_prob", 1.0) == 0.0))

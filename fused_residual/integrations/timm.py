@@ -21,8 +21,8 @@ def _tail_act(block: nn.Module) -> nn.Module:
     return block.act3 if isinstance(block, resnet.Bottleneck) else block.act2
 
 
-def why_not(block: nn.Module) -> str | None:
-    return tail_why_not(_tail_act(block), "tail activation")
+def why_not(block: nn.Module, now: bool = True) -> str | None:
+    return tail_why_not(_tail_act(block), "tail activation", now=now)
 
 
 class FusedBasicBlock(resnet.BasicBlock):

@@ -17,9 +17,9 @@ from torchvision.models import resnet
 from ._common import basic_tail, bottleneck_tail, conv_bn, tail_why_not
 
 
-def why_not(block: nn.Module) -> str | None:
-    """Why ``block`` cannot run fused, or None (asked at conversion and at every forward)."""
-    return tail_why_not(block.relu)
+def why_not(block: nn.Module, now: bool = True) -> str | None:
+    """Why ``block`` cannot be converted (``now`` false), or cannot run fused at this call, or None."""
+    return tail_why_not(block.relu, now=now)
 
 
 class FusedBasicBlock(resnet.BasicBlock):
