@@ -178,3 +178,18 @@ def test_gpu_run_driver_merges_phases_and_skips_what_does_not_fit(tmp_path, caps
     assert "== sweep gemm: SKIPPED" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         gpu_run.main(base + ["--deadline", str(time.time() + 1000), "--phases", "sweep gemm,nope"])
+
+
+def test_benchmark_scripts_exit_1_on_a_failure_or_a_parity_miss(monkeypatch):
+    """``python benchmarks/bench_*.py`` (common.main_guard): exit 0 when all went well, 1 when a measurement
+    failed or a parity row is past its tolerance."""
+    from fused_residual._benchmarks import common
+
+    monkeypatch.setattr(sys, "argv", ["bench", "--quick", "--device", "cpu"])
+    monkeypatch.setattr(common, "FAILURES", [])
+    parity = common.Row("resnet18 parity", "b2", "fp32", "fused vs eager", "eval", 0.0, 2e-4, "rel err")
+    for rows, failures, code in (([], [], 0), ([parity], [], 1), ([], ["linear fwd fused: RuntimeError"], 1)):
+        monkeypatch.setattr(common, "FAILURES", list(failures))
+        with pytest.raises(SystemExit) as exc:
+            common.main_guard(lambda **kwargs: rows, "test")
+        assert exc.value.code == code, (rows, failures)

@@ -371,3 +371,34 @@ def test_jit_trace_of_inplace_add_relu_with_grad():
     leaves = (x, model.lin.weight)
     for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
         assert_bitwise_equal(a, b, "traced gradient")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_exported_converted_block_runs_under_autocast(train):
+    """A converted block exported without autocast and run under it: the main path comes out bf16 while
+    the identity stays float32, and add_relu_ (function or op) adds in place as eager's ``out += identity``
+    does, rounding once; the GEMM tails cast their inputs."""
+    import copy
+
+    from torchvision.models.resnet import BasicBlock
+
+    z, s = torch.randn(64).bfloat16(), torch.randn(64)
+    expected = z.clone()
+    expected += s
+    expected.relu_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_bitwise_equal(fr.add_relu_(z.clone(), s), expected, "function")
+        via_op = z.clone()
+        torch.ops.fused_residual.add_relu_(via_op, s)
+        assert_bitwise_equal(via_op, expected, "op")
+    block = BasicBlock(8, 8).train(train)
+    x = torch.randn(2, 8, 8, 8)
+    fused = torch.export.export(fr.convert(copy.deepcopy(block)), (x,)).module()
+    plain = torch.export.export(copy.deepcopy(block), (x,)).module()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fused(x), plain(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    if train:  # unfused tail, the same arithmetic as eager
+        assert_bitwise_equal(out, ref, "train")
+    else:  # BN folded into the convolutions
+        assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 2e-2

@@ -347,6 +347,26 @@ def _add_relu_inplace_autograd(keyset, z, skip):
 _autograd_lib = torch.library.Library("fused_residual", "IMPL")
 _autograd_lib.impl("add_relu_", _add_relu_inplace_autograd, "Autograd", with_keyset=True, allow_override=True)
 
+_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
+
+
+def _add_relu_inplace_autocast(keyset, z, skip):
+    """The op's autocast kernel. Under autocast a block's main path (z) comes in the autocast dtype and its
+    identity shortcut may stay float32: eager's ``z += skip; z.relu_()`` adds in the wider type and rounds
+    once into z, and so does this, unfused, where the dtypes differ (a graph exported without autocast and
+    run under it calls the op so). Equal dtypes: the op as usual."""
+    with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+        if z.dtype != skip.dtype and z.is_floating_point() and skip.is_floating_point():
+            z.add_(skip).relu_()
+        else:
+            torch.ops.fused_residual.add_relu_(z, skip)
+
+
+for _key in ("AutocastCPU", "AutocastCUDA"):
+    _autograd_lib.impl("add_relu_", _add_relu_inplace_autocast, _key, with_keyset=True)
+del _key
+
 
 # The eager fast path of the two forward ops (fused_residual.ops._direct): the same implementation and
 # autograd formulas without the dispatcher round trips.
