@@ -113,6 +113,17 @@ def test_compile_inplace_with_autograd():
     _assert_matches_eager_inplace(out, a, skip)
 
 
+class LinearTail(torch.nn.Module):
+    """``add_relu_(fc(x), x)``: a residual tail whose z needs gradients (through fc) when fc's parameters do."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.fc = torch.nn.Linear(n, n)
+
+    def forward(self, x):
+        return fr.add_relu_(self.fc(x), x)
+
+
 def test_inplace_op_records_its_backward_when_called_directly():
     """The mutating op cannot register_autograd; its autograd kernel records the backward itself, so a direct
     op call, and the bare op node torch.export leaves of fused_residual.add_relu_, give eager's gradients (a
@@ -127,16 +138,8 @@ def test_inplace_op_records_its_backward_when_called_directly():
     with torch.no_grad():
         torch.ops.fused_residual.add_relu_(a * 2, skip)
 
-    class Tail(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            return fr.add_relu_(self.fc(x), x)
-
     torch.manual_seed(0)
-    tail, x = Tail(), torch.randn(4, 8)
+    tail, x = LinearTail(8), torch.randn(4, 8)
     exported = torch.export.export(tail, (x,), strict=False).module()
     assert any(n.target is torch.ops.fused_residual.add_relu_.default for n in exported.graph.nodes)
     out = exported(x)
@@ -353,22 +356,14 @@ def test_jit_trace_of_inplace_add_relu_with_grad():
     """torch.jit.trace of ``add_relu_`` on tensors that need gradients (a converted ResNet's train-mode
     tail, or any model with grad enabled): the trace holds the op, and its output and gradients are
     eager's."""
-    class Tail(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(6, 6)
-
-        def forward(self, x):
-            return fr.add_relu_(self.lin(x), x)
-
-    model = Tail()
+    model = LinearTail(6)
     traced = torch.jit.trace(model, torch.randn(3, 6))
     assert "fused_residual::add_relu_" in str(traced.graph)
     x = torch.randn(5, 6, requires_grad=True)
-    out, ref = traced(x), torch.relu(model.lin(x) + x)
+    out, ref = traced(x), torch.relu(model.fc(x) + x)
     g = torch.randn_like(ref)
     assert_bitwise_equal(out, ref, "traced output")
-    leaves = (x, model.lin.weight)
+    leaves = (x, model.fc.weight)
     for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
         assert_bitwise_equal(a, b, "traced gradient")
 
