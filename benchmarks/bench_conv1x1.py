@@ -35,9 +35,10 @@ def cases(device: str, quick: bool):
 def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None):
     bench = common.Bench("conv1x1", device, quick, out_dir)
     eager_fn = lambda x, w, r, b, s: torch.relu(F.conv2d(x, w, b, stride=s) + r)  # noqa: E731
-    compiled = torch.compile(eager_fn, dynamic=False)
     cl = torch.channels_last
     for batch, cin, hw, cout, stride, dname in cases(device, quick):
+        torch._dynamo.reset()  # per case: static shapes, and no case past dynamo's recompile limit
+        compiled = torch.compile(eager_fn, dynamic=False)
         dtype = common.DTYPES[dname]
         ohw = (hw - 1) // stride + 1
         x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=cl)

@@ -89,6 +89,7 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, ma
         if not dual and max_autotune != "only":
             m("_addmm_activation", "fwd", lambda: torch._addmm_activation(r, x, w.t()))
         m("eager", "fwd", lambda: eager_fn(*args))
+        torch._dynamo.reset()  # per case: the lambdas' cache entries would reach dynamo's recompile limit
         if max_autotune != "only":
             compiled = torch.compile(eager_fn, dynamic=False)
             m("torch.compile", "fwd", lambda: compiled(*args))

@@ -9,7 +9,9 @@ Providers (same tensors, one process):
   fused [torch.ops]  the registered ``torch.ops.fused_residual.*`` op, the path compiled and exported code and
                    tracers take (custom_op dispatch: Python -> dispatcher -> autograd kernel -> implementation)
 Modes: ``fwd`` without autograd, ``fwd+bwd`` (inputs requiring grad, ``torch.autograd.grad``). A kernel on
-tensors this small takes microseconds, so the times measure what each call costs the host.
+tensors this small takes microseconds, so the times measure what each call costs the host: wall-clock time
+per call of calls made back to back (``common.wall_ms``; on CUDA, do_bench's cache flush before each call
+would hide up to its own duration of host time).
 """
 
 from __future__ import annotations
@@ -49,12 +51,12 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None):
     for op, shape, args, eager_fn, fused_fn, registered in cases(device):
         providers = [("eager", eager_fn), ("fused", fused_fn), ("fused [torch.ops]", registered)]
         for provider, fn in providers:
-            bench.measure(op, shape, dtype, provider, "fwd", lambda fn=fn: fn(*args))
+            bench.measure(op, shape, dtype, provider, "fwd", lambda fn=fn: fn(*args), wall=True)
         leaves = verify.leaf_copies(args)
         g = torch.ones_like(eager_fn(*args))
         for provider, fn in providers:
             bench.measure(op, shape, dtype, provider, "fwd+bwd",
-                          lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, g))
+                          lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, g), wall=True)
     return bench.finish()
 
 

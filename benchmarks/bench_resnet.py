@@ -1,6 +1,8 @@
 """ResNet end to end: a torchvision ResNet converted with fused_residual.convert, checked against the
 unconverted model, then a training step and inference timed for eager, fused, torch.compile and
-torch.compile + fused, with images/s and peak memory.
+torch.compile + fused, with images/s and peak memory. Inference also times eager with conv+BN folded by
+PyTorch's own FX pass, since the converted model folds them too: "fused" over that row is what the fused
+tails add beyond BN folding.
 
     python benchmarks/bench_resnet.py [--device cpu|cuda] [--quick] [--out DIR]
     fused-residual resnet [--model resnet50] [--batch N] [--dtype bf16] [--device cuda] [--no-compile]
@@ -24,6 +26,19 @@ except ImportError:  # run as a script
     from fused_residual._benchmarks import common
 
 import fused_residual as fr
+
+
+def _bn_folded(model):
+    """An eval-mode copy of ``model`` with each conv+BN pair folded by PyTorch's FX pass, or None where that
+    pass cannot trace the model."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(copy.deepcopy(model).eval())
+    except Exception as exc:  # noqa: BLE001 (a model FX cannot trace: no such baseline)
+        print(f"no BN-folded eager baseline: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    return folded.to(memory_format=torch.channels_last)
 
 
 def _randomize_bn(model):
@@ -118,13 +133,18 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, mo
               flush=True)
         bench.add(common.Row(f"{model} parity", shape, dname, "fused vs eager", mode, 0.0, e, "rel err"))
 
-    runs = [("eager", base, False), ("fused", fused, False)]
+    # Inference baseline with conv+BN folded by PyTorch (torch.fx.experimental.optimization.fuse): the
+    # converted model folds them too, so the "fused" speed-up over it is what the fused tails add on top.
+    folded = _bn_folded(base)
+    runs = [("eager", base, False), ("eager, BN folded", folded, False), ("fused", fused, False)]
     if compile:
         runs += [("torch.compile", base, True), ("compile + fused", fused, True)]
     if variants is not None:
         runs = [r for r in runs if r[0] in variants]
     for mode in [m for m, on in (("train", train), ("infer", infer)) if on]:
         for name, module, compiled in runs:
+            if module is None or (module is folded and mode == "train"):  # (folding is for inference)
+                continue
             net = copy.deepcopy(module).train(mode == "train")
             fn = torch.compile(net) if compiled else net
             if mode == "train":

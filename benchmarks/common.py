@@ -64,6 +64,24 @@ def time_ms(fn, device: str, quick: bool = False) -> float:
     return statistics.median(times) * 1e3
 
 
+def wall_ms(fn, device: str, quick: bool = False) -> float:
+    """Wall-clock time per call of ``fn()`` called back to back (no cache flush between calls, the device
+    synchronised only around each batch of calls), median over batches: what a call costs when the host,
+    not the device, is the limit. ``time_ms`` on CUDA hides host time shorter than its cache flush."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    calls = 20 if quick else 100
+    samples = []
+    for _ in range(5 if quick else 11):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples) * 1e3
+
+
 def copy_ms(x: torch.Tensor, device: str, quick: bool = False) -> float:
     """A copy kernel on ``x`` (reads and writes x.nbytes each), the bandwidth yardstick of the run.
     On CPU the destination is allocated per call, as the ops' outputs are."""
@@ -113,13 +131,14 @@ class Bench:
         self._start = time.perf_counter()
 
     def measure(self, op: str, shape, dtype: str, provider: str, mode: str, fn, *, nbytes: float | None = None,
-                flops: float | None = None, copy: float | None = None) -> Row | None:
+                flops: float | None = None, copy: float | None = None, wall: bool = False) -> Row | None:
         """Time ``fn``; the metric is GB/s of ``nbytes`` (fused-op bytes: each input read once, each output
         written once), TFLOP/s of ``flops``, or with neither microseconds per call. ``copy`` is the copy
-        kernel's GB/s for the same data."""
+        kernel's GB/s for the same data. ``wall``: back-to-back wall-clock time (:func:`wall_ms`), for
+        host-bound calls."""
         shape_s = "x".join(map(str, shape)) if not isinstance(shape, str) else shape
         try:
-            ms = time_ms(fn, self.device, self.quick)
+            ms = (wall_ms if wall else time_ms)(fn, self.device, self.quick)
         except Exception as exc:  # one provider failing (e.g. compile unsupported) must not end the run
             self.fail(f"{op} {mode} {shape_s} {dtype} {provider}", exc)
             return None
@@ -152,7 +171,21 @@ class Bench:
         print(f"[{n} {time.perf_counter() - self._start:6.1f}s] {row.op:<22} {row.mode:<8} {row.shape:<20} "
               f"{row.dtype:<5} {row.provider:<24} {row.median_ms:9.4f} ms  {row.metric:8.4g} {row.unit}{extra}",
               flush=True)
+        self._write_csv()  # after every row: a run cut short (a crash, a deadline) keeps what it measured
         return row
+
+    def _write_csv(self) -> str | None:
+        if not self.out_dir:
+            return None
+        self._fill_speedups()
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"{self.name}.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow({k: v for k, v in asdict(r).items() if k in FIELDS})
+        return path
 
     def _fill_speedups(self):
         eager = {(r.op, r.shape, r.dtype, r.mode): r.median_ms for r in self.rows if r.provider == "eager"}
@@ -187,13 +220,7 @@ class Bench:
             print(f"{len(self.failures)} measurement(s) FAILED:" + "".join(f"\n  {f}" for f in self.failures),
                   flush=True)
         if self.out_dir:
-            os.makedirs(self.out_dir, exist_ok=True)
-            path = os.path.join(self.out_dir, f"{self.name}.csv")
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
-                writer.writeheader()
-                for r in self.rows:
-                    writer.writerow({k: v for k, v in asdict(r).items() if k in FIELDS})
+            path = self._write_csv()
             print(f"wrote {path}")
             plot(self.rows, os.path.join(self.out_dir, f"{self.name}.png"), f"{self.name} ({self._dev})")
         return self.rows
