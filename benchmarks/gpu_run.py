@@ -11,6 +11,7 @@ import argparse
 import csv
 import glob
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -131,12 +132,14 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--phase", name, "--work", out_dir, "--out", args.out,
                "--deadline", str(args.deadline), "--device", args.device] + (["--quick"] if args.quick else [])
         t0 = time.time()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # its own process group: at the deadline the phase goes with its helpers (compile workers)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         pump = _stream(proc)
         try:
             status = proc.wait(timeout=max(1.0, args.deadline - time.time()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             status = "killed at the deadline"
         pump.join(timeout=10)

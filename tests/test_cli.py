@@ -193,3 +193,36 @@ def test_benchmark_scripts_exit_1_on_a_failure_or_a_parity_miss(monkeypatch):
         with pytest.raises(SystemExit) as exc:
             common.main_guard(lambda **kwargs: rows, "test")
         assert exc.value.code == code, (rows, failures)
+
+
+def test_gpu_run_driver_kills_a_phase_at_the_deadline_with_its_helpers(tmp_path, monkeypatch, capsys):
+    """A phase still running at the deadline is killed with its process group (compile workers and the
+    like), reported, and the driver goes on; the phase's output reaches the log as it comes."""
+    import time
+
+    from fused_residual._benchmarks import gpu_run
+
+    pid_file = tmp_path / "helper.pid"
+    phase = tmp_path / "phase.py"
+    phase.write_text(
+        "import subprocess, sys, time\n"
+        "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
+        "print('phase started', flush=True)\n"
+        "time.sleep(120)\n")
+    monkeypatch.setattr(gpu_run, "__file__", str(phase))
+    monkeypatch.setattr(gpu_run, "PHASES", [("stuck", 1), ("next", 1)])
+    start = time.time()
+    assert gpu_run.main(["--out", str(tmp_path / "out"), "--device", "cpu", "--deadline", str(start + 4)]) == 0
+    printed = capsys.readouterr().out
+    assert time.time() - start < 30
+    assert "phase started" in printed and "== stuck: " in printed and "killed at the deadline" in printed
+    assert "== next: SKIPPED" in printed
+    helper = int(pid_file.read_text())
+    time.sleep(0.5)
+    try:  # the helper went with the phase: gone, or a zombie not yet reaped by its new parent
+        with open(f"/proc/{helper}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), state
