@@ -180,11 +180,12 @@ class Bench:
         self._fill_speedups()
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"{self.name}.csv")
-        with open(path, "w", newline="") as f:
+        with open(path + ".tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
             for r in self.rows:
                 writer.writerow({k: v for k, v in asdict(r).items() if k in FIELDS})
+        os.replace(path + ".tmp", path)  # whole or not at all, should the process be killed meanwhile
         return path
 
     def _fill_speedups(self):

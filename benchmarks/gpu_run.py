@@ -122,6 +122,23 @@ def main(argv=None) -> int:
     work = os.path.join("/tmp", f"fused_residual_bench_{os.getpid()}")
     os.makedirs(args.out, exist_ok=True)
     merged = os.path.join(args.out, "bench.csv")
+    running = []
+
+    def stop(signum, frame):  # terminated from outside (a timeout): the phase's process group goes too
+        for proc in running:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        _run_phases(args, phases, work, merged, running)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _run_phases(args, phases, work: str, merged: str, running: list) -> None:
     for name, need in phases:
         left = args.deadline - time.time()
         if left < need:
@@ -135,6 +152,7 @@ def main(argv=None) -> int:
         # its own process group: at the deadline the phase goes with its helpers (compile workers)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
+        running[:] = [proc]
         pump = _stream(proc)
         try:
             status = proc.wait(timeout=max(1.0, args.deadline - time.time()))
@@ -147,7 +165,6 @@ def main(argv=None) -> int:
         print(f"== {name}: {time.time() - t0:.0f}s{verdict}", flush=True)
         _merge(out_dir, merged)
         _pack(work, args.out)
-    return 0
 
 
 if __name__ == "__main__":

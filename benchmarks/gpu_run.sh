@@ -61,7 +61,7 @@ tail -n 3 "$OUT/pytest.log"
 # candidates only if their CUDA tests ran and passed (an illegal access there would poison a benchmark
 # process); the sweep times each config by name either way, in its own process.
 if [ -z "${FUSED_RESIDUAL_GEMM_TMA:-}" ]; then
-  if grep -qE "^PASSED .*test_tma_configs_at_the_edges\[cuda" "$OUT/pytest.log" \
+  if grep -qE "^PASSED .*test_tma_configs_at_the_edges\[.*cuda" "$OUT/pytest.log" \
       && ! grep -qE "^(FAILED|ERROR) .*tma" "$OUT/pytest.log"; then
     FUSED_RESIDUAL_GEMM_TMA=1
   else

@@ -27,12 +27,21 @@ def optional_tensors(op: str, **named) -> None:
 
 def floating(op: str, **named) -> None:
     """Tensors share one supported floating dtype and one device."""
+    _floating(op, True, named)
+
+
+def floating_mixed(op: str, **named) -> None:
+    """Tensors have supported floating dtypes, not necessarily one (autocast), and share one device."""
+    _floating(op, False, named)
+
+
+def _floating(op: str, same_dtype: bool, named: dict) -> None:
     items = [(k, v) for k, v in named.items() if v is not None]
     for name, t in items:
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported dtypes are {_DTYPE_NAMES}")
     first_name, first = items[0]
-    for name, t in items[1:]:
+    for name, t in items[1:] if same_dtype else ():
         if t.dtype != first.dtype:
             raise TypeError(f"{op}: dtypes differ: {first_name} is {first.dtype}, {name} is {t.dtype}")
     for name, t in items[1:]:

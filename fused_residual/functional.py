@@ -43,6 +43,7 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
             and torch.is_autocast_enabled(z.device.type)):
         # under autocast a float32 shortcut meets a main path in the autocast dtype: eager's in-place add
         # computes in the wider type and rounds once into z (unfused; the op's autocast kernel does the same)
+        _ar.check_mixed_autocast(z, skip)
         return z.add_(skip).relu_()
     _checks.tensors("add_relu_", z=z, skip=skip)
     # the dispatcher's rule, on the fast path too (compiled code calls the op: the dispatcher checks there)
@@ -52,9 +53,10 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     if _direct.transformed():  # as eager's in-place ops: functorch and forward AD handle those
         return z.add_(skip).relu_()
     if torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
-        if torch._C._get_tracing_state() is not None:
-            # torch.jit.trace refuses in-place autograd Functions; the op's autograd kernel records the
-            # backward below the tracer, which sees one fused_residual::add_relu_ node
+        if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
+            # torch.jit.trace refuses in-place autograd Functions, and dynamo of torch 2.11 traces this one
+            # so that z keeps its old grad_fn (gradients as if no add or ReLU ran, where the caller uses z
+            # rather than the return value): the op's autograd kernel records the backward below them
             torch.ops.fused_residual.add_relu_(z, skip)
             return z
         _ar.check_inplace_autograd(z)

@@ -346,6 +346,32 @@ def test_downsample_subclass_or_hook_runs_itself(kind, train):
         assert _rel(out, ref) < 1e-5
 
 
+def test_eval_folds_bn_only_where_that_pays(monkeypatch):
+    """Folding costs a pass over the weights at every forward: where a convolution's output is smaller than
+    its weights (small batch, low resolution) BN runs unfolded, exactly as eager; where it is larger, the
+    tails run the fused GEMM ops. torch.export folds whatever the example's size (no guard on shapes)."""
+    from fused_residual import functional
+
+    calls = []
+    for name in ("conv1x1_add_relu", "dual_conv1x1_add_relu"):
+        real = getattr(functional, name)
+        monkeypatch.setattr(functional, name,
+                            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    model = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
+    fused = fr.convert(copy.deepcopy(model))
+    with torch.no_grad():
+        small = torch.randn(1, 3, 16, 16)
+        assert_bitwise_equal(fused(small), model(small), "batch 1, 16 px: nothing folds")
+        assert calls == []
+        large = torch.randn(2, 3, 64, 64)
+        assert _rel(fused(large), model(large)) < 1e-4
+    # (layer 1's tails fold at batch 2, 64 px; the deeper layers' weights outweigh their outputs there)
+    assert "dual_conv1x1_add_relu" in calls and "conv1x1_add_relu" in calls, calls
+    program = torch.export.export(fused, (small,))
+    targets = [str(n.target) for n in program.graph.nodes if "fused_residual" in str(n.target)]
+    assert sum("dual_conv1x1_add_relu" in t for t in targets) == 4
+
+
 def test_half_model_with_float32_batchnorm_in_eval():
     """A float16 model that keeps its BatchNorm in float32 (a common recipe): the folded weights come out
     in the convolution's dtype, and the output is as accurate as the unconverted model's."""

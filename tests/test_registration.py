@@ -100,12 +100,17 @@ def _assert_matches_eager_inplace(out, a, skip):
     assert_bitwise_equal(skip.grad, se.grad)
 
 
-def test_compile_inplace_with_autograd():
+@pytest.mark.parametrize("use", ["return value", "z itself"])
+def test_compile_inplace_with_autograd(use):
+    """Compiled add_relu_ with gradients, whether the caller keeps the return value or z itself (with
+    torch 2.11's dynamo, z kept its old grad_fn when the in-place autograd Function was traced)."""
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def block(a, skip):
-        return fr.add_relu_(a * 2, skip)
+        z = a * 2
+        out = fr.add_relu_(z, skip)
+        return out if use == "return value" else z
 
     a, skip = torch.randn(50, requires_grad=True), torch.randn(50, requires_grad=True)
     out = block(a, skip)
@@ -397,3 +402,17 @@ def test_exported_converted_block_runs_under_autocast(train):
         assert_bitwise_equal(out, ref, "train")
     else:  # BN folded into the convolutions
         assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 2e-2
+
+
+def test_inplace_under_autocast_keeps_the_shape_and_device_checks():
+    """Under autocast add_relu_ accepts a shortcut of another floating dtype, and nothing more: no
+    broadcasting, no other device, no unsupported dtype (function and op alike)."""
+    z = torch.randn(4, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for call in (fr.add_relu_, torch.ops.fused_residual.add_relu_):
+            with pytest.raises(ValueError, match=r"shapes differ.*\(4, 4\).*\(4,\)"):
+                call(z.clone(), torch.randn(4))
+            with pytest.raises(TypeError, match="float64"):
+                call(z.clone(), torch.randn(4, 4, dtype=torch.float64))
+            with pytest.raises(ValueError, match="devices differ"):
+                call(z.clone(), torch.randn(4, 4, device="meta"))

@@ -351,6 +351,14 @@ _AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
                   | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
 
 
+def check_mixed_autocast(z, skip) -> None:
+    """The checks ``add_relu_`` makes, but for the dtype: under autocast z and skip may differ in dtype
+    (both supported floating types), not in shape (no broadcasting) or device."""
+    _checks.floating_mixed("add_relu_", z=z, skip=skip)
+    _checks.same_shape("add_relu_", "z", z, "skip", skip)
+    _checks.writable_destination("add_relu_", z, skip)
+
+
 def _add_relu_inplace_autocast(keyset, z, skip):
     """The op's autocast kernel. Under autocast a block's main path (z) comes in the autocast dtype and its
     identity shortcut may stay float32: eager's ``z += skip; z.relu_()`` adds in the wider type and rounds
@@ -358,6 +366,7 @@ def _add_relu_inplace_autocast(keyset, z, skip):
     run under it calls the op so). Equal dtypes: the op as usual."""
     with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
         if z.dtype != skip.dtype and z.is_floating_point() and skip.is_floating_point():
+            check_mixed_autocast(z, skip)
             z.add_(skip).relu_()
         else:
             torch.ops.fused_residual.add_relu_(z, skip)
