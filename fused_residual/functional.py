@@ -38,13 +38,9 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     Autograd works when z is not a leaf (as for eager in-place ops, a leaf that requires grad is rejected).
     Nothing is written into z when an argument is rejected.
     """
-    if (isinstance(z, torch.Tensor) and isinstance(skip, torch.Tensor) and z.dtype != skip.dtype
-            and z.is_floating_point() and skip.is_floating_point() and z.device.type != "meta"
-            and torch.is_autocast_enabled(z.device.type)):
-        # under autocast a float32 shortcut meets a main path in the autocast dtype: eager's in-place add
-        # computes in the wider type and rounds once into z (unfused; the op's autocast kernel does the same)
-        _ar.check_mixed_autocast(z, skip)
-        return z.add_(skip).relu_()
+    if (isinstance(z, torch.Tensor) and isinstance(skip, torch.Tensor) and _ar.mixed_dtypes(z, skip)
+            and z.device.type != "meta" and torch.is_autocast_enabled(z.device.type)):
+        return _ar.add_relu_mixed_(z, skip)  # as the op's autocast kernel does
     _checks.tensors("add_relu_", z=z, skip=skip)
     # the dispatcher's rule, on the fast path too (compiled code calls the op: the dispatcher checks there)
     if not torch.compiler.is_compiling() and z.is_inference() and not torch.is_inference_mode_enabled():

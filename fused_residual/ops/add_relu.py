@@ -342,39 +342,48 @@ def _add_relu_inplace_autograd(keyset, z, skip):
     return torch.ops.fused_residual.add_relu_.default.redispatch(keyset & torch._C._after_autograd_keyset, z, skip)
 
 
-# allow_override: custom_op registered an Autograd kernel of its own, which older torch releases refuse
-# to replace by default.
-_autograd_lib = torch.library.Library("fused_residual", "IMPL")
-_autograd_lib.impl("add_relu_", _add_relu_inplace_autograd, "Autograd", with_keyset=True, allow_override=True)
+# Kernels added to the custom ops (autograd for add_relu_, autocast for it and the GEMM ops). allow_override:
+# custom_op registered an Autograd kernel of its own, which older torch releases refuse to replace by default.
+_impl_lib = torch.library.Library("fused_residual", "IMPL")
+_impl_lib.impl("add_relu_", _add_relu_inplace_autograd, "Autograd", with_keyset=True, allow_override=True)
 
-_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
+AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+                 | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
 
 
-def check_mixed_autocast(z, skip) -> None:
-    """The checks ``add_relu_`` makes, but for the dtype: under autocast z and skip may differ in dtype
-    (both supported floating types), not in shape (no broadcasting) or device."""
+def impl_autocast(name: str, kernel) -> None:
+    """Register ``kernel(keyset, *args)`` as op ``name``'s autocast kernel on CPU and CUDA."""
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        _impl_lib.impl(name, kernel, key, with_keyset=True)
+
+
+def mixed_dtypes(z: torch.Tensor, skip: torch.Tensor) -> bool:
+    """z and skip are floating tensors of different dtypes: under autocast, a block's main path in the
+    autocast dtype beside a float32 identity shortcut."""
+    return z.dtype != skip.dtype and z.is_floating_point() and skip.is_floating_point()
+
+
+def add_relu_mixed_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``add_relu_`` of :func:`mixed_dtypes` tensors, as eager's ``z += skip; z.relu_()``: added in the
+    wider type and rounded once into z (unfused). The checks are ``add_relu_``'s but for the dtype: no
+    broadcasting, one device, supported floating dtypes."""
     _checks.floating_mixed("add_relu_", z=z, skip=skip)
     _checks.same_shape("add_relu_", "z", z, "skip", skip)
     _checks.writable_destination("add_relu_", z, skip)
+    return z.add_(skip).relu_()
 
 
 def _add_relu_inplace_autocast(keyset, z, skip):
-    """The op's autocast kernel. Under autocast a block's main path (z) comes in the autocast dtype and its
-    identity shortcut may stay float32: eager's ``z += skip; z.relu_()`` adds in the wider type and rounds
-    once into z, and so does this, unfused, where the dtypes differ (a graph exported without autocast and
-    run under it calls the op so). Equal dtypes: the op as usual."""
-    with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
-        if z.dtype != skip.dtype and z.is_floating_point() and skip.is_floating_point():
-            check_mixed_autocast(z, skip)
-            z.add_(skip).relu_()
+    """The op's autocast kernel: :func:`add_relu_mixed_` where the dtypes differ (a graph exported without
+    autocast and run under it calls the op so), the op as usual otherwise."""
+    with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_KEYS):
+        if mixed_dtypes(z, skip):
+            add_relu_mixed_(z, skip)
         else:
             torch.ops.fused_residual.add_relu_(z, skip)
 
 
-for _key in ("AutocastCPU", "AutocastCUDA"):
-    _autograd_lib.impl("add_relu_", _add_relu_inplace_autocast, _key, with_keyset=True)
-del _key
+impl_autocast("add_relu_", _add_relu_inplace_autocast)
 
 
 # The eager fast path of the two forward ops (fused_residual.ops._direct): the same implementation and

@@ -36,7 +36,7 @@ import torch
 
 from .. import _alloc, _backend, _checks, _cpp, _triton, reference
 from . import _direct
-from .add_relu import _device_guard, _triton_forward, relu_uses_hw_max
+from .add_relu import AUTOCAST_KEYS, _device_guard, _triton_forward, impl_autocast, relu_uses_hw_max
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -839,27 +839,21 @@ def autocast_inputs(device_type: str, *args):
                  else a for a in args)
 
 
-_AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
-
-
 def _autocast_kernel(op):
     """The op's autocast kernel: the public functions cast before calling, but a direct
     ``torch.ops.fused_residual`` call (an exported program or a compiled graph run under autocast) comes
     here with the inputs as they are; without it the implementation would see mixed dtypes."""
     def kernel(keyset, *args):
         args = autocast_inputs(args[0].device.type, *args)  # before the guard, which turns autocast off
-        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+        with torch._C._ExcludeDispatchKeyGuard(AUTOCAST_KEYS):
             return op(*args)
 
     return kernel
 
 
-_autocast_lib = torch.library.Library("fused_residual", "IMPL")
 for _op in (linear_add_relu, dual_linear_add_relu, conv1x1_add_relu, dual_conv1x1_add_relu):
-    for _key in ("AutocastCPU", "AutocastCUDA"):
-        _autocast_lib.impl(_op._name, _autocast_kernel(_op._opoverload), _key, with_keyset=True)
-del _op, _key
+    impl_autocast(_op._name, _autocast_kernel(_op._opoverload))
+del _op
 
 # The eager fast path of the four forward ops (fused_residual.ops._direct).
 LinearAddReLU = _direct.function("linear_add_relu", _linear_add_relu, _setup_linear, _backward_linear)
