@@ -135,8 +135,8 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, mo
 
     # Inference baseline with conv+BN folded by PyTorch (torch.fx.experimental.optimization.fuse): the
     # converted model folds them too, so the "fused" speed-up over it is what the fused tails add on top.
-    wanted = variants if variants is not None else ("eager", "eager, BN folded", "fused")
-    folded = _bn_folded(base) if infer and "eager, BN folded" in wanted else None  # (a third model in memory)
+    timed = variants is None or "eager, BN folded" in variants
+    folded = _bn_folded(base) if infer and timed else None  # (a third model in memory: only when timed)
     runs = [("eager", base, False), ("eager, BN folded", folded, False), ("fused", fused, False)]
     if compile:
         runs += [("torch.compile", base, True), ("compile + fused", fused, True)]

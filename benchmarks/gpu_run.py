@@ -62,8 +62,7 @@ def run_phase(name: str, dev: str, quick: bool, out_dir: str) -> int:
         "sweep gemm": lambda: sweep_gemm.run(dev, quick, out_dir),
         "profile": lambda: profile_ops.run(dev, quick, out_dir),
     }
-    rows = jobs[name]() or []
-    return 1 if common.FAILURES or common.parity_failures(rows) else 0
+    return common.exit_status(jobs[name]())
 
 
 def _stream(proc: subprocess.Popen) -> threading.Thread:

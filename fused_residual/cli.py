@@ -85,8 +85,7 @@ def _bench(args) -> int:
 
     failed = len(common.FAILURES)
     rows = module.run(device=device, quick=args.quick, out_dir=args.out)
-    # a provider failed (listed at the end of its table), or a parity row is off (bench resnet)
-    return 1 if len(common.FAILURES) > failed or common.parity_failures(rows or []) else 0
+    return common.exit_status(rows, failed)  # a provider failed, or a parity row is off (bench resnet)
 
 
 def _resnet(args) -> int:
@@ -101,7 +100,7 @@ def _resnet(args) -> int:
     rows = bench_resnet.run(device=device, quick=args.quick, out_dir=args.out, model=args.model, batch=args.batch,
                             dtype=args.dtype, image_size=args.image_size, steps=args.steps,
                             compile=not args.no_compile)
-    return 1 if common.parity_failures(rows) or len(common.FAILURES) > failed else 0
+    return common.exit_status(rows, failed)
 
 
 def _positive_int(text: str) -> int:

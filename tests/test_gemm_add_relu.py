@@ -664,6 +664,22 @@ def test_tma_applies_to_aligned_16_bit_matrices_only():
                               config=cfg)
 
 
+def _stand_in_tuner(monkeypatch, configs, bench):
+    """An autotuner over ``configs`` in place of the 16-bit one, with ``bench(config)`` standing in for the
+    timing (nothing runs while "timing"), and the compiled-kernel code path of the launcher taken with fp16
+    tensors under the interpreter. Returns the tuner."""
+    from fused_residual import _triton
+
+    if not _triton.interpreting():
+        pytest.skip("drives the autotuner under the Triton interpreter")
+    K = _triton.kernels("gemm_add_relu")
+    tuner = K._autotuned(configs)
+    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **meta: bench(config))
+    monkeypatch.setitem(K.AUTOTUNED, "16-bit", tuner)
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    return tuner
+
+
 @pytest.mark.parametrize("winner", ["tma", "pointers"])
 def test_autotuned_launch_builds_descriptors_only_while_tma_may_run(monkeypatch, winner):
     """The autotuned path (driven here under the interpreter with a stand-in for the timing): descriptors
@@ -672,20 +688,15 @@ def test_autotuned_launch_builds_descriptors_only_while_tma_may_run(monkeypatch,
     never have the TMA configs timed."""
     from fused_residual import _triton
 
-    if not _triton.interpreting():
-        pytest.skip("drives the autotuner under the Triton interpreter")
     K = _triton.kernels("gemm_add_relu")
-    tuner = K._autotuned([K.make_config(32, 32, 16, 2, 4, group=2),
-                          K.make_config(32, 32, 16, 2, 4, group=2, split=True, tma=True)])
     timed = []
 
-    def fake_bench(*args, config, **meta):  # the winner is the fastest; nothing runs while "timing"
+    def fake_bench(config):  # the winner is the fastest
         timed.append(config.kwargs["TMA"])
         return [1.0 if config.kwargs["TMA"] == (winner == "tma") else 2.0] * 3
 
-    monkeypatch.setattr(tuner, "_bench", fake_bench)
-    monkeypatch.setitem(K.AUTOTUNED, "16-bit", tuner)
-    monkeypatch.setattr(_triton, "interpreting", lambda: False)  # fp16: the compiled-kernel code path runs
+    tuner = _stand_in_tuner(monkeypatch, [K.make_config(32, 32, 16, 2, 4, group=2),
+                                          K.make_config(32, 32, 16, 2, 4, group=2, split=True, tma=True)], fake_bench)
     monkeypatch.setattr(gemm_ops, "_TUNED_WITHOUT_TMA", set())
     monkeypatch.setenv("FUSED_RESIDUAL_GEMM_TMA", "1")
     built = []
@@ -727,14 +738,10 @@ def test_autotuned_launch_reads_its_own_choice_when_threads_race(monkeypatch):
 
     from fused_residual import _triton
 
-    if not _triton.interpreting():
-        pytest.skip("drives the autotuner under the Triton interpreter")
     K = _triton.kernels("gemm_add_relu")
-    tuner = K._autotuned([K.make_config(32, 32, 16, 2, 4, group=2),
-                          K.make_config(32, 32, 16, 2, 4, group=2, split=True, tma=True)])
-    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: [1.0 if config.kwargs["TMA"] else 2.0] * 3)
-    monkeypatch.setitem(K.AUTOTUNED, "16-bit", tuner)
-    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    tuner = _stand_in_tuner(monkeypatch, [K.make_config(32, 32, 16, 2, 4, group=2),
+                                          K.make_config(32, 32, 16, 2, 4, group=2, split=True, tma=True)],
+                            lambda config: [1.0 if config.kwargs["TMA"] else 2.0] * 3)
     monkeypatch.setattr(gemm_ops, "_TUNED_WITHOUT_TMA", set())
     monkeypatch.setenv("FUSED_RESIDUAL_GEMM_TMA", "1")
     m, n, k = 48, 32, 32
@@ -767,14 +774,11 @@ def test_tma_configs_are_opt_in_for_the_autotuner(monkeypatch):
     descriptors are built otherwise); another value is an error that names it."""
     from fused_residual import _triton
 
-    if not _triton.interpreting():
-        pytest.skip("drives the autotuner under the Triton interpreter")
     K = _triton.kernels("gemm_add_relu")
-    tuner = K._autotuned([K.make_config(32, 32, 16, 2, 4, group=2), K.make_config(32, 32, 16, 2, 4, tma=True)])
     timed = []
-    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: timed.append(config.kwargs["TMA"]) or [1.0] * 3)
-    monkeypatch.setitem(K.AUTOTUNED, "16-bit", tuner)
-    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    tuner = _stand_in_tuner(monkeypatch, [K.make_config(32, 32, 16, 2, 4, group=2),
+                                          K.make_config(32, 32, 16, 2, 4, tma=True)],
+                            lambda config: timed.append(config.kwargs["TMA"]) or [1.0] * 3)
     monkeypatch.setattr(gemm_ops, "tma_descriptors", lambda *a: pytest.fail("descriptors built"))
     monkeypatch.delenv("FUSED_RESIDUAL_GEMM_TMA", raising=False)
     x, w, r = torch.randn(64, 32).half(), torch.randn(32, 32).half(), torch.randn(64, 32).half()
