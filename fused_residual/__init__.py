@@ -7,13 +7,14 @@ autograd, and run on Triton (CUDA), C++ (CPU) or the eager reference (see :func:
 
 from . import nn, reference  # noqa: F401
 from ._backend import BACKENDS, BackendUnavailable, current_backend, use_backend
-from .functional import (add_relu, add_relu_, conv1x1_add_relu, dual_conv1x1_add_relu, dual_linear_add_relu,
-                         linear_add_relu)
+from ._compile import compile_policy, set_compile_policy
+from .functional import (add_relu, add_relu_, batch_norm_add_relu, batch_norm_relu, conv1x1_add_relu,
+                         dual_conv1x1_add_relu, dual_linear_add_relu, linear_add_relu)
 
 import torch as _torch
 
 for _name in ("add_relu", "add_relu_", "linear_add_relu", "dual_linear_add_relu", "conv1x1_add_relu",
-              "dual_conv1x1_add_relu"):
+              "dual_conv1x1_add_relu", "batch_norm_relu", "batch_norm_add_relu"):
     _torch.fx.wrap(_name)  # FX records ``fused_residual.<op>(...)`` as one call node (see functional.py)
 del _name
 
@@ -27,6 +28,9 @@ __all__ = [
     "ConversionReport",
     "add_relu",
     "add_relu_",
+    "batch_norm_add_relu",
+    "batch_norm_relu",
+    "compile_policy",
     "conv1x1_add_relu",
     "conversion_report",
     "convert",
@@ -34,6 +38,7 @@ __all__ = [
     "dual_linear_add_relu",
     "linear_add_relu",
     "revert",
+    "set_compile_policy",
     "current_backend",
     "use_backend",
 ]

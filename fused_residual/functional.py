@@ -10,7 +10,9 @@ from . import _checks, reference
 from . import ops as _ops  # noqa: F401  (registers torch.ops.fused_residual.*)
 from .ops import _direct
 from .ops import add_relu as _ar
+from .ops import batch_norm as _bn
 from .ops import gemm_add_relu as _gemm
+from ._compile import plain_under_compile
 
 SAVE_MODES = ("output", "mask")
 
@@ -130,10 +132,63 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
                        x, weight, shortcut, shortcut_weight, bias, shortcut_stride)
 
 
+def _batch_norm_fused(op: str, x, skip, running_mean, running_var, weight, bias, training, momentum, eps, save):
+    _bn.check(op, x, skip, running_mean, running_var, weight, bias, training)
+    if save not in SAVE_MODES:
+        raise ValueError(f"{op}: save must be one of {SAVE_MODES}, got {save!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{op}: momentum must be a number, got {type(momentum).__name__} (nn.BatchNorm's "
+                        "momentum=None, a cumulative average, is momentum=1/num_batches_tracked)")
+    if plain_under_compile() or _direct.transformed():
+        bn = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return torch.relu(bn if skip is None else bn + skip)
+    tensors = (x, skip, weight, bias)
+    save_mask = save == "mask" and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    if skip is None:
+        out, _, mean, _, var = torch.ops.fused_residual.batch_norm_relu(
+            x, weight, bias, running_mean, running_var, training, eps, save_mask)
+    else:
+        out, _, mean, _, var = torch.ops.fused_residual.batch_norm_add_relu(
+            x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
+    if training and running_mean is not None:
+        _bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    return out
+
+
+def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+                    momentum: float = 0.1, eps: float = 1e-5, *, save: str = "mask") -> torch.Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))`` in two
+    passes over x (statistics, then normalise + ReLU), with F.batch_norm's semantics: batch statistics in
+    training (the biased variance normalises, the unbiased one updates ``running_var``), the running buffers
+    updated in place with ``momentum``, the running statistics in eval mode.
+
+    x is ``(N, C, ...)`` in float32, float16 or bfloat16 (NCHW or channels_last; the output takes x's
+    layout); ``running_mean``, ``running_var``, ``weight`` and ``bias`` are ``(C,)`` in x's dtype or float32.
+    ``save="mask"`` (default) keeps x, per-channel statistics and the ReLU gate packed 1 bit per element for
+    the backward; ``"output"`` keeps the output instead, as eager does. Same gradients either way.
+    """
+    return _batch_norm_fused("batch_norm_relu", x, None, running_mean, running_var, weight, bias, training,
+                             momentum, eps, save)
+
+
+def batch_norm_add_relu(x: torch.Tensor, skip: torch.Tensor, running_mean: torch.Tensor | None,
+                        running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
+                        eps: float = 1e-5, *, save: str = "mask") -> torch.Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + skip)``:
+    a residual block's last BatchNorm, the shortcut add and the ReLU in two passes over x (see
+    :func:`batch_norm_relu`). skip has x's shape and dtype; its gradient is the gated output gradient."""
+    _checks.tensors("batch_norm_add_relu", skip=skip)
+    return _batch_norm_fused("batch_norm_add_relu", x, skip, running_mean, running_var, weight, bias, training,
+                             momentum, eps, save)
+
+
 # FX symbolic tracing (torch.fx.symbolic_trace, torchvision's create_feature_extractor) records each public
 # function as one call node instead of tracing into its argument checks, which cannot run on proxies. A
 # wrap applies to the namespace it is made in: nn.py and the package namespace wrap their names too.
 for _name in ("add_relu", "add_relu_", "linear_add_relu", "dual_linear_add_relu", "conv1x1_add_relu",
-              "dual_conv1x1_add_relu"):
+              "dual_conv1x1_add_relu", "batch_norm_relu", "batch_norm_add_relu"):
     torch.fx.wrap(_name)
 del _name
