@@ -1,0 +1,302 @@
+"""batch_norm_relu / batch_norm_add_relu: F.batch_norm's semantics on every backend, dtype and layout.
+
+Oracle: the same computation in float64 (``ref64``) and eager PyTorch in the tested dtype; every output and
+gradient must satisfy ``|fused - ref64| <= 2 |eager - ref64| + atol[dtype]`` (fused_residual.testing), and the
+shortcut's gradient, a gated copy of the output gradient, must be bit-exact.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_residual as fr
+from helpers import (DTYPES, assert_bitwise_equal, assert_close_to_ref, device_backend_params, poisoned)
+
+OPS = torch.ops.fused_residual
+
+# (shape, memory format): NCHW, channels_last, the MLP block's 2-D (N, C), 3-D, awkward sizes
+CASES = [
+    ((4, 8, 5, 3), "contiguous"),
+    ((4, 8, 5, 3), "channels_last"),
+    ((3, 16, 7, 7), "channels_last"),
+    ((2, 3, 9, 11), "contiguous"),
+    ((33, 24), "contiguous"),
+    ((5, 6, 13), "contiguous"),
+    ((2, 1, 4, 4), "contiguous"),
+]
+
+
+def _layout(t, fmt):
+    return t.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else t.contiguous()
+
+
+def _params(C, device, dtype):
+    w = (torch.rand(C, device=device) + 0.5).to(dtype)
+    b = torch.randn(C, device=device).to(dtype)
+    rm = torch.randn(C, device=device).to(dtype)
+    rv = (torch.rand(C, device=device) + 0.5).to(dtype)
+    return w, b, rm, rv
+
+
+def _eager(x, skip, rm, rv, w, b, training, momentum, eps, grad, dtype=None):
+    """relu(F.batch_norm(...) [+ skip]) in ``dtype`` (default: the inputs'): (out, grads, rm, rv)."""
+    cast = (lambda t: None if t is None else t.detach().to(dtype)) if dtype else (
+        lambda t: None if t is None else t.detach().clone())
+    xs, ss, ws, bs = (cast(t) for t in (x, skip, w, b))
+    for t in (xs, ss, ws, bs):
+        if t is not None:
+            t.requires_grad_()
+    rms, rvs = cast(rm), cast(rv)
+    y = F.batch_norm(xs, rms, rvs, ws, bs, training, momentum, eps)
+    if ss is not None:
+        y = y + ss
+    y = torch.relu(y)
+    y.backward(grad.to(y.dtype))
+    grads = [xs.grad] + ([ss.grad] if ss is not None else []) + [t if t is None else t.grad for t in (ws, bs)]
+    return y.detach(), grads, rms, rvs
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in CASES])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_skip", [True, False], ids=["add", "noadd"])
+@pytest.mark.parametrize("save", ["mask", "output"])
+def test_matches_eager(device, backend, dtype, shape, fmt, training, with_skip, save):
+    C = shape[1]
+    x = _layout(torch.randn(shape, device=device) * 2 + 0.5, fmt).to(dtype).requires_grad_()
+    skip = _layout(torch.randn(shape, device=device), fmt).to(dtype).requires_grad_() if with_skip else None
+    w, b = (t.requires_grad_() for t in _params(C, device, dtype)[:2])
+    _, _, rm, rv = _params(C, device, dtype)
+    rm0, rv0 = rm.clone(), rv.clone()
+    grad = torch.randn(shape, device=device).to(dtype)
+    with fr.use_backend(backend), poisoned():
+        if with_skip:
+            out = fr.batch_norm_add_relu(x, skip, rm, rv, w, b, training, 0.1, 1e-5, save=save)
+        else:
+            out = fr.batch_norm_relu(x, rm, rv, w, b, training, 0.1, 1e-5, save=save)
+        out.backward(grad)
+    fused_grads = [x.grad] + ([skip.grad] if with_skip else []) + [w.grad, b.grad]
+    eager = _eager(x, skip, rm0, rv0, w, b, training, 0.1, 1e-5, grad)
+    ref = _eager(x, skip, rm0, rv0, w, b, training, 0.1, 1e-5, grad, dtype=torch.float64)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+    assert_close_to_ref(out, eager[0], ref[0], "out")
+    names = ["grad x"] + (["grad skip"] if with_skip else []) + ["grad weight", "grad bias"]
+    for name, g, ge, g64 in zip(names, fused_grads, eager[1], ref[1]):
+        assert g.dtype == ge.dtype, name
+        assert_close_to_ref(g, ge, g64, name)
+    if with_skip:  # the gated copy of the output gradient: the same gate as the (matching) output
+        gate = ~(out <= 0)
+        assert_bitwise_equal(skip.grad, torch.where(gate, grad, torch.zeros_like(grad)), "grad skip gate")
+    for name, fused_buf, eager_buf, ref_buf in (("running_mean", rm, eager[2], ref[2]),
+                                                ("running_var", rv, eager[3], ref[3])):
+        assert fused_buf.dtype == dtype
+        assert_close_to_ref(fused_buf, eager_buf, ref_buf, name)
+    if not training:
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "eval mode must not touch the running stats"
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("param_dtype", [torch.float32, None], ids=["fp32-params", "same-params"])
+def test_amp_parameters_and_optional_arguments(device, backend, param_dtype):
+    """bf16 activations with float32 parameters and statistics (AMP models), weight/bias None, no running
+    stats in training (track_running_stats=False)."""
+    shape, dtype = (4, 6, 5, 5), torch.bfloat16
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    skip = torch.randn(shape, device=device).to(dtype)
+    w, b, rm, rv = _params(6, device, param_dtype or dtype)
+    grad = torch.randn(shape, device=device).to(dtype)
+    cases = [dict(w=w, b=b, rm=rm, rv=rv), dict(w=None, b=None, rm=rm, rv=rv), dict(w=w, b=None, rm=None, rv=None)]
+    for c in cases:
+        x.grad = None
+        rm0 = None if c["rm"] is None else c["rm"].clone()
+        rv0 = None if c["rv"] is None else c["rv"].clone()
+        with fr.use_backend(backend):
+            out = fr.batch_norm_add_relu(x, skip, c["rm"], c["rv"], c["w"], c["b"], True)
+            out.backward(grad)
+        eager = _eager(x, skip, rm0, rv0, c["w"], c["b"], True, 0.1, 1e-5, grad)
+        ref = _eager(x, skip, rm0, rv0, c["w"], c["b"], True, 0.1, 1e-5, grad, dtype=torch.float64)
+        assert_close_to_ref(out, eager[0], ref[0], f"out {c.keys()}")
+        assert_close_to_ref(x.grad, eager[1][0], ref[1][0], "grad x")
+        if c["rm"] is not None:
+            assert c["rm"].dtype == (param_dtype or dtype)
+            assert_close_to_ref(c["rm"], eager[2], ref[2], "running_mean")
+            assert_close_to_ref(c["rv"], eager[3], ref[3], "running_var")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_backward_is_deterministic(device, backend):
+    shape = (8, 16, 9, 9)
+    x = torch.randn(shape, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    skip = torch.randn(shape, device=device).requires_grad_()
+    w = torch.rand(16, device=device).requires_grad_()
+    b = torch.randn(16, device=device).requires_grad_()
+    grad = torch.randn(shape, device=device)
+    runs = []
+    with fr.use_backend(backend):
+        for _ in range(2):
+            for t in (x, skip, w, b):
+                t.grad = None
+            rm, rv = torch.zeros(16, device=device), torch.ones(16, device=device)
+            out = fr.batch_norm_add_relu(x, skip, rm, rv, w, b, True)
+            out.backward(grad)
+            runs.append([out.detach(), x.grad, skip.grad, w.grad, b.grad, rm, rv])
+    for name, a, b_ in zip(["out", "dx", "dskip", "dw", "db", "rm", "rv"], *runs):
+        assert_bitwise_equal(a.contiguous(), b_.contiguous(), name)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_mask_mode_keeps_no_output_sized_tensor(device, backend):
+    """save="mask": autograd keeps x, per-channel vectors and ceil(numel/8) bytes; save="output" keeps the
+    output beside x, as eager does."""
+    shape = (4, 8, 6, 6)
+    numel = 4 * 8 * 6 * 6
+    for save, expected_big in (("mask", 1), ("output", 2)):
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        x = torch.randn(shape, device=device).requires_grad_()
+        skip = torch.randn(shape, device=device).requires_grad_()
+        w, b = torch.ones(8, device=device, requires_grad=True), torch.zeros(8, device=device, requires_grad=True)
+        with fr.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fr.batch_norm_add_relu(x, skip, None, None, w, b, True, save=save)
+        big = [t for t in saved if t.numel() == numel]
+        assert len(big) == expected_big, [(t.shape, t.dtype) for t in saved]
+        assert all(t.numel() in (numel, 8, (numel + 7) // 8) for t in saved), [(t.shape, t.dtype) for t in saved]
+        if save == "mask":
+            assert any(t.dtype == torch.uint8 and t.numel() == (numel + 7) // 8 for t in saved)
+            assert not any(t.dtype == torch.bool for t in saved)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_specials_propagate_like_eager(device, backend):
+    """NaN in x poisons its channel's statistics as in eager; Inf and NaN in the output gradient where the
+    ReLU is closed give zero gradients."""
+    shape = (3, 4, 5, 5)
+    x = torch.randn(shape, device=device)
+    x[0, 1, 2, 2] = float("nan")
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    with fr.use_backend(backend):
+        out = fr.batch_norm_relu(x, rm, rv, None, None, True)
+    ref = torch.relu(F.batch_norm(x, torch.zeros(4), torch.ones(4), None, None, True))
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert rm[1].isnan() and not rm[[0, 2, 3]].isnan().any()
+    xg = torch.randn(shape, device=device).requires_grad_()
+    grad = torch.randn(shape, device=device)
+    with fr.use_backend(backend):
+        out = fr.batch_norm_relu(xg, None, None, None, None, True)
+    closed = out.detach() <= 0
+    grad[closed] = float("inf")
+    grad.view(-1)[closed.view(-1).nonzero()[::2]] = float("nan")
+    out.backward(grad)
+    # dx mixes each channel's gradients, so the gate is checked on the op's gated gradient (dskip)
+    with fr.use_backend(backend):
+        _, mask, mean, invstd, _ = OPS.batch_norm_relu(xg.detach(), None, None, None, None, True, 1e-5, True)
+        _, dskip, _, _ = OPS.batch_norm_relu_backward(grad, xg.detach(), None, mask, mean, invstd, None, False,
+                                                      True, False)
+    assert_bitwise_equal(dskip, torch.where(closed, torch.zeros_like(grad), grad), "gated gradient")
+
+
+def test_running_stats_update_matches_module_rules():
+    """momentum as nn.BatchNorm2d passes it, over several steps; num_batches_tracked is the caller's."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(6)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    for _ in range(3):
+        x = torch.randn(4, 6, 5, 5) * 3 + 1
+        bn(x)
+        with fr.use_backend("eager"):
+            fr.batch_norm_relu(x, rm, rv, bn.weight, bn.bias, True, 0.1, bn.eps)
+    torch.testing.assert_close(rm, bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _arg_error(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_input_is_refused_before_anything_is_written():
+    x = torch.randn(2, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    keep = rm.clone(), rv.clone()
+    f = fr.batch_norm_add_relu
+    _arg_error(lambda: f(x, torch.randn(2, 4, 3, 2), rm, rv, training=True), ValueError, "shapes differ")
+    _arg_error(lambda: f(x, torch.randn(2, 4, 3, 3).half(), rm, rv, training=True), TypeError, "dtypes differ")
+    _arg_error(lambda: f(x, x, torch.zeros(5), rv, training=True), ValueError, "running_mean has shape")
+    _arg_error(lambda: f(x, x, rm, torch.ones(3), training=True), ValueError, "running_var has shape")
+    _arg_error(lambda: f(x, x, rm, rv, torch.ones(2), training=True), ValueError, "weight has shape")
+    _arg_error(lambda: f(x, x, rm, rv, None, torch.ones(5), training=True), ValueError, "bias has shape")
+    _arg_error(lambda: f(x.long(), x, rm, rv, training=True), TypeError, "x has dtype torch.int64")
+    _arg_error(lambda: f(x, x, rm.int(), rv, training=True), TypeError, "running_mean has dtype torch.int32")
+    _arg_error(lambda: f(torch.randn(1, 4), torch.randn(1, 4), rm, rv, training=True), ValueError,
+               "more than 1 value per channel")
+    _arg_error(lambda: f(x, x, rm, rv, training=True, save="bits"), ValueError, "save must be one of")
+    _arg_error(lambda: f(x, x, None, None, training=False), ValueError, "must be given when training=False")
+    _arg_error(lambda: f(x, x, rm, None, training=True), ValueError, "given together")
+    _arg_error(lambda: f(x, x, rm, rv, training=True, momentum=None), TypeError, "momentum must be a number")
+    _arg_error(lambda: f(torch.randn(4), torch.randn(4), None, None, training=True), ValueError,
+               "batch and a channel dimension")
+    _arg_error(lambda: fr.batch_norm_relu("x", rm, rv), TypeError, "x must be a torch.Tensor")
+    assert torch.equal(rm, keep[0]) and torch.equal(rv, keep[1])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_opcheck(device, backend):
+    x = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
+    xc = torch.randn(3, 4, 5, 5, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    skip = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
+    w = torch.rand(4, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    with fr.use_backend(backend):
+        out, mask, mean, invstd, _ = OPS.batch_norm_relu(x.detach(), w.detach(), b.detach(), None, None, True,
+                                                         1e-5, True)
+    g = torch.randn(3, 4, 5, 5, device=device)
+    samples = [
+        (OPS.batch_norm_relu.default, (x, w, b, rm, rv, True, 1e-5, True)),
+        (OPS.batch_norm_relu.default, (xc, None, None, rm, rv, False, 1e-5, False)),
+        (OPS.batch_norm_add_relu.default, (x, skip, w, b, None, None, True, 1e-5, True)),
+        (OPS.batch_norm_add_relu.default, (xc, skip, w, b, rm, rv, False, 1e-3, False)),
+        (OPS.batch_norm_relu_backward.default, (g, x.detach(), None, mask, mean, invstd, w.detach(), True, True,
+                                                True)),
+        (OPS.batch_norm_relu_backward.default, (g, x.detach(), out, None, mean, invstd, None, False, False, False)),
+    ]
+    with fr.use_backend(backend):
+        for op, args in samples:
+            torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("policy", ["inductor", "kernels"])
+def test_compile_fullgraph(device, backend, policy):
+    torch._dynamo.reset()
+    fr.set_compile_policy(policy)
+    try:
+        def block(x, skip, rm, rv, w, b):
+            return fr.batch_norm_add_relu(x * 2, skip, rm, rv, w, b, True).sum(dim=1)
+
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        x = torch.randn(4, 6, 3, 3, device=device, requires_grad=True)
+        skip = torch.randn(4, 6, 3, 3, device=device, requires_grad=True)
+        w = torch.rand(6, device=device, requires_grad=True)
+        b = torch.randn(6, device=device, requires_grad=True)
+        rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
+        with fr.use_backend(backend):
+            out = compiled(x, skip, rm, rv, w, b)
+            out.sum().backward()
+        xe, se, we, be = (t.detach().clone().requires_grad_() for t in (x, skip, w, b))
+        rme, rve = torch.zeros(6, device=device), torch.ones(6, device=device)
+        ref = torch.relu(F.batch_norm(xe * 2, rme, rve, we, be, True) + se).sum(dim=1)
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, e in ((x.grad, xe.grad), (skip.grad, se.grad), (w.grad, we.grad), (b.grad, be.grad), (rm, rme),
+                     (rv, rve)):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    finally:
+        fr.set_compile_policy("inductor")
+        torch._dynamo.reset()
