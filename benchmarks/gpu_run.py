@@ -26,6 +26,7 @@ PHASES = [
     ("verify", 60),
     ("overhead", 15),
     ("add_relu", 30),
+    ("batch_norm", 60),
     ("linear", 40),
     ("conv1x1", 25),
     ("resnet", 45),
@@ -38,8 +39,8 @@ PHASES = [
 
 def run_phase(name: str, dev: str, quick: bool, out_dir: str) -> int:
     """One phase, in this process; exit status 1 when a check or a measurement failed."""
-    from fused_residual._benchmarks import (bench_add_relu, bench_conv1x1, bench_linear, bench_overhead, bench_resnet,
-                                            common, profile_ops, sweep_gemm)
+    from fused_residual._benchmarks import (bench_add_relu, bench_batch_norm, bench_conv1x1, bench_linear,
+                                            bench_overhead, bench_resnet, common, profile_ops, sweep_gemm)
 
     if name == "verify":
         from fused_residual import verify
@@ -52,6 +53,7 @@ def run_phase(name: str, dev: str, quick: bool, out_dir: str) -> int:
     jobs = {
         "overhead": lambda: bench_overhead.run(dev, quick, out_dir),
         "add_relu": lambda: bench_add_relu.run(dev, quick, out_dir),
+        "batch_norm": lambda: bench_batch_norm.run(dev, quick, out_dir),
         "linear": lambda: bench_linear.run(dev, quick, out_dir, max_autotune="off"),
         "conv1x1": lambda: bench_conv1x1.run(dev, quick, out_dir),
         "resnet": lambda: bench_resnet.run(dev, quick, out_dir, compile=False),

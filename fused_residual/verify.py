@@ -10,6 +10,9 @@ machine is what CI asserts.
 * GEMM ops: forward and every gradient within ``2 * eager's error + atol * max(1, |ref|)`` of float64
   (``fused_residual.testing.accuracy``); the output gradient is zeroed where the float64 pre-activation is
   within a rounding margin of the ReLU kink, where eager's own gate flips with rounding.
+* batch_norm_relu / batch_norm_add_relu (both save modes, training and eval, NCHW / channels_last / 2-D):
+  forward, every gradient and the updated running statistics within the same bound; the shortcut's
+  gradient (the gated output gradient) bit-identical to ``where(out > 0, grad, 0)``.
 * a converted torchvision Bottleneck (projection shortcut, stride 2) against the unconverted block: eval
   (BN folded into the dual GEMM) within the GEMM bound; train (the add_relu_ tail) bit-identical in the
   output, the input and parameter gradients, and the BN running statistics.
@@ -237,6 +240,60 @@ def check_gemm(case: str, dtype: torch.dtype, device: str, backend: str | None) 
     return checks
 
 
+# ---- BatchNorm + (add) + ReLU -------------------------------------------------------------------------------
+
+
+def _bn_eager(args, training, skip, dtype=None):
+    """relu(F.batch_norm(...) [+ skip]) on leaf copies (cast to ``dtype``): (out, leaves, running stats)."""
+    x, s, w, b, rm, rv = (None if a is None else (a.detach().to(dtype) if dtype else a.detach().clone())
+                          for a in args)
+    leaves = [t.requires_grad_() for t in (x, s, w, b) if t is not None]
+    y = torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+    return torch.relu(y + s if skip else y), leaves, (rm, rv)
+
+
+def check_batch_norm(shape, fmt: str, dtype: torch.dtype, device: str, backend: str | None, training: bool,
+                     skip: bool, save: str) -> list[Check]:
+    C = shape[1]
+
+    def act(scale=1.0, shift=0.0):
+        t = torch.randn(shape, device=device) * scale + shift
+        return (t.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else t).to(dtype)
+
+    args = (act(2.0, 0.5), act() if skip else None, (torch.rand(C, device=device) + 0.5).to(dtype),
+            torch.randn(C, device=device).to(dtype), torch.randn(C, device=device).to(dtype),
+            (torch.rand(C, device=device) + 0.5).to(dtype))
+    grad = act()
+    ref_out, ref_leaves, ref_stats = _bn_eager(args, training, skip, torch.float64)
+    ref_out.backward(grad.double())
+    eager_out, eager_leaves, eager_stats = _bn_eager(args, training, skip)
+    eager_out.backward(grad)
+    x, s, w, b, rm, rv = (None if a is None else a.detach().clone() for a in args)
+    leaves = [t.requires_grad_() for t in (x, s, w, b) if t is not None]
+    fn = functional.batch_norm_add_relu if skip else functional.batch_norm_relu
+    call = (x, s) if skip else (x,)
+    with _backend.use_backend(backend or _backend.current_backend()), _alloc.poison_outputs():
+        out = fn(*call, rm, rv, w, b, training, 0.1, 1e-5, save=save)
+        out.backward(grad)
+    op = f"{fn.__name__}[{'train' if training else 'eval'}, save={save}]"
+    dname, shape_s = _dtype_name(dtype), _shape(shape)
+    pairs = [("forward", out.detach(), eager_out.detach(), ref_out.detach())]
+    names = ["x"] + (["skip"] if skip else []) + ["weight", "bias"]
+    pairs += [(f"grad {n}", a.grad, e.grad, r.grad) for n, a, e, r in zip(names, leaves, eager_leaves, ref_leaves)]
+    pairs += [(f"running {n}", a, e, r) for n, a, e, r in zip(("mean", "var"), (rm, rv), eager_stats, ref_stats)]
+    checks = []
+    for what, actual, eager, ref in pairs:
+        if actual is None or actual.dtype != dtype:
+            checks.append(Check(op, dname, fmt, shape_s, what, float("nan"), None, False, "missing or wrong dtype"))
+            continue
+        acc = accuracy(actual, eager, ref)
+        checks.append(Check(op, dname, fmt, shape_s, what, acc.error, acc.eager_error, acc.ok))
+    if skip:
+        gated = torch.where(~(out.detach() <= 0), grad, torch.zeros_like(grad))
+        checks.append(_exact(op, dtype, fmt, shape, "grad skip = gated grad", leaves[1].grad, gated))
+    return checks
+
+
 # ---- converted ResNet block ------------------------------------------------------------------------------
 
 
@@ -302,6 +359,9 @@ def grid(quick: bool, device: str, backend: str | None) -> Iterable[Callable[[],
     dtypes = [torch.float32, torch.bfloat16] if quick else list(DTYPES.values())
     shapes = [(7,), (2, 64, 14, 14)] if quick else [(1,), (7,), (1000,), (3, 5, 7, 9), (2, 64, 14, 14)]
     cases = ["linear-3d-bias", "dual-linear", "conv-cl-s2", "dual-conv-s2"] if quick else list(GEMM_CASES)
+    bn_cases = [((4, 16, 7, 7), "channels_last"), ((33, 24), "contiguous")]
+    if not quick:
+        bn_cases += [((2, 3, 9, 11), "contiguous"), ((8, 64, 14, 14), "channels_last")]
     for dtype in dtypes:
         for shape in shapes:
             mixed = ("channels_last" if len(shape) == 4 else "transposed", "contiguous", "sliced")
@@ -311,6 +371,12 @@ def grid(quick: bool, device: str, backend: str | None) -> Iterable[Callable[[],
                     yield lambda s=shape, lay=lay, d=dtype, m=mode: check_add_relu(s, lay, d, device, backend, m)
         for case in cases:
             yield lambda c=case, d=dtype: check_gemm(c, d, device, backend)
+        for shape, fmt in bn_cases:
+            for training in (True, False):
+                for skip in (True, False):
+                    for save in ("mask", "output"):
+                        yield (lambda s=shape, f=fmt, d=dtype, t=training, k=skip, v=save:
+                               check_batch_norm(s, f, d, device, backend, t, k, v))
         for train in (False, True):
             yield lambda d=dtype, t=train: check_resnet_block(d, device, backend, t)
 
