@@ -32,6 +32,7 @@ PHASES = [
     ("resnet", 45),
     ("linear max-autotune", 100),
     ("resnet compile", 150),
+    ("compile", 90),
     ("sweep gemm", 120),
     ("profile", 15),
 ]
@@ -39,8 +40,9 @@ PHASES = [
 
 def run_phase(name: str, dev: str, quick: bool, out_dir: str) -> int:
     """One phase, in this process; exit status 1 when a check or a measurement failed."""
-    from fused_residual._benchmarks import (bench_add_relu, bench_batch_norm, bench_conv1x1, bench_linear,
-                                            bench_overhead, bench_resnet, common, profile_ops, sweep_gemm)
+    from fused_residual._benchmarks import (bench_add_relu, bench_batch_norm, bench_compile, bench_conv1x1,
+                                            bench_linear, bench_overhead, bench_resnet, common, profile_ops,
+                                            sweep_gemm)
 
     if name == "verify":
         from fused_residual import verify
@@ -61,6 +63,7 @@ def run_phase(name: str, dev: str, quick: bool, out_dir: str) -> int:
         # eager again beside the compiled variants: the phase's speed-ups then need no other phase
         "resnet compile": lambda: bench_resnet.run(dev, quick, out_dir, variants=("eager", "torch.compile",
                                                                                   "compile + fused"), check=False),
+        "compile": lambda: bench_compile.run(dev, quick, out_dir),
         "sweep gemm": lambda: sweep_gemm.run(dev, quick, out_dir),
         "profile": lambda: profile_ops.run(dev, quick, out_dir),
     }

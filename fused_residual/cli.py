@@ -73,7 +73,7 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
-BENCHES = ("add_relu", "batch_norm", "linear", "conv1x1", "overhead", "resnet")
+BENCHES = ("add_relu", "batch_norm", "compile", "linear", "conv1x1", "overhead", "resnet")
 
 
 def _bench(args) -> int:
