@@ -13,6 +13,7 @@
 #endif
 
 #include "cpu_kernels.h"
+#include "batch_norm.h"
 
 namespace fused_residual {
 namespace {
@@ -185,4 +186,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_relu_rows_", &bias_relu_rows_, py::arg("out"), py::arg("bias"));
   m.def("masked_grad_colsum", &masked_grad_colsum, py::arg("grad"), py::arg("out"), py::arg("gm"),
         py::arg("colsum"));
+  // BatchNorm (+ add) + ReLU (batch_norm.h)
+  m.def("bn_stats", &bn_stats, py::arg("x"), py::arg("C"), py::arg("inner"), py::arg("mean"), py::arg("var"));
+  m.def("bn_apply", &bn_apply, py::arg("x"), py::arg("skip"), py::arg("mean"), py::arg("scale"),
+        py::arg("shift"), py::arg("out"), py::arg("mask"), py::arg("C"), py::arg("inner"));
+  m.def("bn_bwd_reduce", &bn_bwd_reduce, py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("mask"),
+        py::arg("mean"), py::arg("C"), py::arg("inner"), py::arg("sum_g"), py::arg("sum_gx"));
+  m.def("bn_bwd_apply", &bn_bwd_apply, py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("mask"),
+        py::arg("mean"), py::arg("a"), py::arg("b"), py::arg("d"), py::arg("dx"), py::arg("dskip"),
+        py::arg("C"), py::arg("inner"));
 }

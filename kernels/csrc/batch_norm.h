@@ -1,0 +1,671 @@
+// CPU kernels of BatchNorm (+ add) + ReLU: statistics, apply, and the two backward passes.
+//
+// Every activation of one call is dense and shares one storage layout, viewed as [outer, C, inner]:
+// storage element i belongs to channel (i / inner) % C (NCHW: inner = H*W; channels_last and 2-D:
+// inner = 1). Math in fp32, each result rounded once to the activation dtype. Included by module.h after
+// cpu_kernels.h; the Python entry points at the bottom are registered there.
+//
+// Reductions (bn_stats, bn_bwd_reduce) are deterministic: the work is cut into fixed units that depend
+// on the shape only (row blocks of ~kStatElems elements for inner == 1, plane segments of at most
+// kStatElems elements for inner > 1), each unit is summed sequentially (lane-wise, then lanes in a fixed
+// order), and the per-unit partials are merged per channel in unit order in fp64. The thread count only
+// decides who computes which unit.
+//
+// Statistics are stable: each unit sums x - K with K = the unit's first value of that channel (shifted
+// data, exact for nearby values), giving (count, mean, M2); the units are merged with Chan's formula.
+#pragma once
+
+#include <torch/extension.h>
+
+#include "cpu_kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace fused_residual {
+namespace CPU_CAPABILITY {
+namespace bn {
+
+// Elements per reduction unit (the unit partition depends on the shape only).
+constexpr int64_t kStatElems = 16384;
+// Elementwise passes work in sub-blocks of this many elements (a multiple of kChunk): the mask of a
+// sub-block is packed from the stored output while it is still in cache.
+constexpr int64_t kSub = 2048;
+// Register block: 4 fVecs = 32 channels (inner == 1) or 32 elements of a plane (inner > 1).
+constexpr int kNV = 4;
+constexpr int64_t kW = 8 * kNV;
+
+// n valid elements (n may exceed NV * 8) of T at p as NV fp32 vectors; lanes past n are zero. Straight
+// loads into the result (no bounce through a stack array: 16-byte stores read back as 32 bytes stall).
+template <int NV>
+inline void load_f(const float* p, int64_t n, fVec (&v)[NV]) {
+  if (n >= 8 * NV) {
+    for (int k = 0; k < NV; ++k) v[k] = fVec::loadu(p + 8 * k);
+    return;
+  }
+  for (int k = 0; k < NV; ++k) {
+    const int64_t cnt = std::min<int64_t>(std::max<int64_t>(n - 8 * k, 0), 8);
+    v[k] = cnt == 8 ? fVec::loadu(p + 8 * k) : cnt > 0 ? fVec::loadu(p + 8 * k, cnt) : fVec(0.f);
+  }
+}
+
+template <typename T, int NV>
+inline void load_f(const T* p, int64_t n, fVec (&v)[NV]) {  // Half / BFloat16: 16 per Vectorized<T>
+  constexpr int64_t S = Vectorized<T>::size();
+  static_assert(NV % 2 == 0 && S == 16, "NV must hold whole Vectorized<T>");
+  for (int q = 0; q < NV / 2; ++q) {
+    const int64_t cnt = n >= 8 * NV ? S : std::min<int64_t>(std::max<int64_t>(n - q * S, 0), S);
+    const Vectorized<T> x = cnt == S ? Vectorized<T>::loadu(p + q * S)
+                            : cnt > 0 ? Vectorized<T>::loadu(p + q * S, cnt)
+                                      : Vectorized<T>(T(0));
+    std::tie(v[2 * q], v[2 * q + 1]) = at::vec::convert_to_float<T>(x);
+  }
+}
+
+// Lanes of vector k valid among n elements, clamped to [0, 8].
+inline int64_t lanes(int64_t n, int k) { return std::min<int64_t>(std::max<int64_t>(n - 8 * k, 0), 8); }
+
+// The 8 mask bits of elements [i, i + 8) (bit j = element i + j), for any i; never reads past nbytes.
+inline uint8_t bits_at(const uint8_t* mask, int64_t nbytes, int64_t i) {
+  const int64_t b = i >> 3;
+  const int s = static_cast<int>(i & 7);
+  uint32_t v = mask[b];
+  if (s != 0 && b + 1 < nbytes) v |= uint32_t(mask[b + 1]) << 8;
+  return static_cast<uint8_t>(v >> s);
+}
+
+inline float hsum_vecs(const fVec* v, int nv, double& acc_out) {  // fixed order: vector by vector, lane by lane
+  float tmp[8];
+  double acc = 0.0;
+  for (int k = 0; k < nv; ++k) {
+    v[k].store(tmp);
+    for (int j = 0; j < 8; ++j) acc += tmp[j];
+  }
+  acc_out = acc;
+  return static_cast<float>(acc);
+}
+
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+};
+
+// Chan et al.: merge b into a.
+inline void merge(Moments& a, const Moments& b) {
+  if (b.n == 0) return;
+  if (a.n == 0) {
+    a = b;
+    return;
+  }
+  const double n = a.n + b.n;
+  const double delta = b.mean - a.mean;
+  a.mean += delta * (b.n / n);
+  a.m2 += b.m2 + delta * delta * (a.n * b.n / n);
+  a.n = n;
+}
+
+// (count, mean, M2) of n values from their shifted sums s1 = sum(x - K), s2 = sum((x - K)^2).
+inline Moments from_shifted(int64_t n, float K, double s1, double s2) {
+  Moments m;
+  m.n = static_cast<double>(n);
+  const double d = s1 / m.n;
+  m.mean = static_cast<double>(K) + d;
+  m.m2 = std::max(0.0, s2 - s1 * d);
+  return m;
+}
+
+// Runs f over the segments of [i0, i1) that stay in one row (inner == 1: f(a, b, c0) where element a has
+// channel c0 and channels rise by one per element) or in one plane (inner > 1: channel c0 for all).
+template <typename F>
+inline void for_segments(int64_t i0, int64_t i1, int64_t C, int64_t inner, F f) {
+  int64_t i = i0;
+  while (i < i1) {
+    int64_t end, c;
+    if (inner == 1) {
+      const int64_t row = i / C;
+      c = i - row * C;
+      end = std::min(i1, (row + 1) * C);
+    } else {
+      const int64_t plane = i / inner;
+      c = plane % C;
+      end = std::min(i1, (plane + 1) * inner);
+    }
+    f(i, end, c);
+    i = end;
+  }
+}
+
+// Per-channel vectors padded with zeros so that full fVec loads at any channel offset < C stay inside.
+inline std::vector<float> padded(const float* p, int64_t C) {
+  std::vector<float> v(static_cast<size_t>(C + 2 * fVec::size()), 0.f);
+  std::copy(p, p + C, v.begin());
+  return v;
+}
+
+// Grain (in units) for at::parallel_for over units of `unit` elements: about kStatElems * 2 per task.
+inline int64_t unit_grain(int64_t unit) { return std::max<int64_t>(1, 2 * kStatElems / std::max<int64_t>(unit, 1)); }
+
+// ---- bn_stats ------------------------------------------------------------------------------------------
+template <typename T>
+void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, float* var_out) {
+  const int64_t outer = n / (C * inner);
+  std::vector<Moments> part;
+  // partials per channel: (block b, channel c) at part[b * C + c] (inner == 1), else unit
+  // (o * C + c) * nseg + s for segment s of plane (o, c)
+  int64_t per_channel = 0, nseg = 1;
+  if (inner == 1) {
+    const int64_t R = std::max<int64_t>(1, kStatElems / C);  // rows per block
+    const int64_t blocks = (outer + R - 1) / R;
+    per_channel = blocks;
+    part.resize(static_cast<size_t>(blocks * C));
+    at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
+      float k1[kW], t1[kW], t2[kW];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
+        for (int64_t c0 = 0; c0 < C; c0 += kW) {
+          const int64_t w = std::min<int64_t>(kW, C - c0);
+          fVec K[kNV], s1[kNV], s2[kNV], v[kNV];
+          load_f(x + r0 * C + c0, w, K);  // lanes past w: K = 0 and x = 0, so d = 0
+          for (int k = 0; k < kNV; ++k) s1[k] = s2[k] = fVec(0.f);
+          auto rows_loop = [&](int64_t width) {
+            for (int64_t r = r0 + 1; r < r1; ++r) {  // row r0 itself adds d = 0
+              load_f(x + r * C + c0, width, v);
+              for (int k = 0; k < kNV; ++k) {
+                const fVec d = v[k] - K[k];
+                s1[k] = s1[k] + d;
+                s2[k] = s2[k] + d * d;
+              }
+            }
+          };
+          if (w == kW) rows_loop(kW); else rows_loop(w);  // the first with a constant width
+          for (int k = 0; k < kNV; ++k) {
+            K[k].store(k1 + 8 * k);
+            s1[k].store(t1 + 8 * k);
+            s2[k].store(t2 + 8 * k);
+          }
+          for (int64_t j = 0; j < w; ++j) part[b * C + c0 + j] = from_shifted(r1 - r0, k1[j], t1[j], t2[j]);
+        }
+      }
+    });
+  } else {
+    const int64_t seg = std::min(inner, kStatElems);
+    nseg = (inner + seg - 1) / seg;
+    const int64_t units = outer * C * nseg;  // unit u = (o * C + c) * nseg + s
+    per_channel = outer * nseg;
+    part.resize(static_cast<size_t>(units));
+    at::parallel_for(0, units, unit_grain(seg), [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t plane = u / nseg, s = u - plane * nseg;
+        const int64_t len = std::min(seg, inner - s * seg);
+        const T* q = x + plane * inner + s * seg;
+        const float K = static_cast<float>(q[0]);
+        const fVec Kv(K);
+        fVec s1[kNV], s2[kNV], v[kNV];
+        for (int k = 0; k < kNV; ++k) s1[k] = s2[k] = fVec(0.f);
+        int64_t i = 0;
+        for (; i + kW <= len; i += kW) {
+          load_f(q + i, kW, v);
+          for (int k = 0; k < kNV; ++k) {
+            const fVec d = v[k] - Kv;
+            s1[k] = s1[k] + d;
+            s2[k] = s2[k] + d * d;
+          }
+        }
+        if (i < len) {
+          const int64_t cnt = len - i;
+          load_f(q + i, cnt, v);
+          for (int k = 0; k < kNV; ++k) {
+            const fVec d = fVec::set(fVec(0.f), v[k] - Kv, lanes(cnt, k));
+            s1[k] = s1[k] + d;
+            s2[k] = s2[k] + d * d;
+          }
+        }
+        double a1, a2;
+        hsum_vecs(s1, kNV, a1);
+        hsum_vecs(s2, kNV, a2);
+        part[u] = from_shifted(len, K, a1, a2);
+      }
+    });
+  }
+  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(per_channel, 1)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      Moments m;
+      if (inner == 1) {
+        for (int64_t b = 0; b < per_channel; ++b) merge(m, part[b * C + c]);
+      } else {
+        for (int64_t o = 0; o < outer; ++o)
+          for (int64_t s = 0; s < nseg; ++s) merge(m, part[(o * C + c) * nseg + s]);
+      }
+      mean_out[c] = static_cast<float>(m.mean);
+      var_out[c] = static_cast<float>(m.n > 0 ? m.m2 / m.n : 0.0);
+    }
+  });
+}
+
+// ---- bn_apply ------------------------------------------------------------------------------------------
+// Stores r (cnt elements) at p and replaces r by the values stored (rounded to T): the mask is the gate of
+// what was stored.
+template <typename T>
+inline void store_rounded(T* p, int64_t cnt, fVec (&r)[Pack<T>::kVecs]) {
+  auto v = at::vec::convert_from_float<T>(r[0], r[1]);
+  if (cnt == Vectorized<T>::size()) v.store(p); else v.store(p, cnt);
+  std::tie(r[0], r[1]) = at::vec::convert_to_float<T>(v);
+}
+template <>
+inline void store_rounded<float>(float* p, int64_t cnt, fVec (&r)[1]) {
+  if (cnt == fVec::size()) r[0].store(p); else r[0].store(p, cnt);
+}
+
+// Appends gate bits to a bit stream in registers, 64 at a time: the results of a sub-block come in
+// storage order, so bit offsets only grow and no byte is read back.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "BitWriter stores 64-bit words as mask bytes");
+struct BitWriter {
+  uint64_t* words;
+  uint64_t acc = 0;
+  int pos = 0;
+  int64_t w = 0;
+  // the low cnt (1..8) bits of v
+  inline void put(uint32_t v, int cnt) {
+    acc |= uint64_t(v) << pos;
+    pos += cnt;
+    if (pos >= 64) {
+      words[w++] = acc;
+      pos -= 64;
+      acc = pos ? uint64_t(v) >> (cnt - pos) : 0;
+    }
+  }
+  inline void flush() {
+    if (pos) words[w] = acc;
+  }
+};
+
+inline uint32_t low_bits(const fVec& r, int64_t cnt) {
+  const uint32_t v = keep_bits(r);
+  return cnt < 8 ? v & ((1u << cnt) - 1u) : v;
+}
+
+// out = relu(((x - mean) * scale + shift) + skip), rounded once; mask = gate of the stored out.
+template <typename T>
+void apply_t(const T* x, const T* skip, const float* mean, const float* scale, const float* shift, T* out,
+             uint8_t* mask, int64_t n, int64_t C, int64_t inner) {
+  using P = Pack<T>;
+  std::vector<float> pm, psc, psh;
+  if (inner == 1) {
+    pm = padded(mean, C);
+    psc = padded(scale, C);
+    psh = padded(shift, C);
+  }
+  parallel_chunks(n, [&](int64_t i0, int64_t i1) {
+    fVec xv[P::kVecs], sv[P::kVecs], r[P::kVecs];
+    uint64_t words[kSub / 64 + 1];
+    for (int64_t s0 = i0; s0 < i1; s0 += kSub) {  // s0 is a multiple of 64: no mask byte shared by tasks
+      const int64_t s1 = std::min(i1, s0 + kSub);
+      BitWriter bw{words};
+      for_segments(s0, s1, C, inner, [&](int64_t a, int64_t b, int64_t c) {
+        const bool rows = inner == 1;
+        fVec m, sc, sh;
+        if (!rows) {
+          m = fVec(mean[c]);
+          sc = fVec(scale[c]);
+          sh = fVec(shift[c]);
+        }
+        for (int64_t j = a; j < b; j += P::size()) {
+          const int64_t cnt = std::min<int64_t>(P::size(), b - j);
+          const int64_t cc = c + (j - a);
+          P::load(x + j, cnt, xv);
+          if (skip) P::load(skip + j, cnt, sv);
+          for (int k = 0; k < P::kVecs; ++k) {
+            if (rows) {
+              m = fVec::loadu(pm.data() + cc + 8 * k);
+              sc = fVec::loadu(psc.data() + cc + 8 * k);
+              sh = fVec::loadu(psh.data() + cc + 8 * k);
+            }
+            fVec y = (xv[k] - m) * sc + sh;
+            if (skip) y = y + sv[k];
+            r[k] = relu_vec(y);
+          }
+          store_rounded(out + j, cnt, r);
+          if (mask) {
+            for (int k = 0; k < P::kVecs; ++k) {
+              if (8 * k < cnt) bw.put(low_bits(r[k], cnt - 8 * k), static_cast<int>(std::min<int64_t>(8, cnt - 8 * k)));
+            }
+          }
+        }
+      });
+      if (mask) {
+        bw.flush();
+        std::memcpy(mask + (s0 >> 3), words, static_cast<size_t>((s1 - s0 + 7) / 8));  // little-endian
+      }
+    }
+  });
+}
+
+// ---- the gate ------------------------------------------------------------------------------------------
+// g = dy where the gate of element i0 + 8k + lane is on, else +0 (a select: NaN / Inf where off give 0).
+template <typename T, int NV>
+struct Gate {
+  const T* out;
+  const uint8_t* mask;
+  int64_t nbytes;
+  // v: NV fVecs of dy for elements [i, i + 8 NV), cnt of them valid.
+  inline void apply(fVec (&g)[NV], int64_t i, int64_t cnt) const {
+    if (mask) {
+      for (int k = 0; k < NV; ++k) {
+        if (8 * k < cnt) g[k] = gate_bits(g[k], bits_at(mask, nbytes, i + 8 * k));
+      }
+    } else {
+      fVec o[NV];
+      load_f(out + i, cnt, o);  // lanes past cnt: dy and out are 0, g = 0
+      for (int k = 0; k < NV; ++k) g[k] = fVec::blendv(g[k], fVec(0.f), o[k] <= fVec(0.f));
+    }
+  }
+};
+
+// ---- bn_bwd_reduce -------------------------------------------------------------------------------------
+template <typename T>
+void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, const float* mean, int64_t n,
+                  int64_t C, int64_t inner, float* sum_g, float* sum_gx) {
+  const int64_t outer = n / (C * inner);
+  const Gate<T, kNV> gate{out, mask, (n + 7) / 8};
+  std::vector<double> pg, pgx;  // partials, laid out as in stats_t
+  int64_t per_channel = 0, nseg = 1;
+  if (inner == 1) {
+    const int64_t R = std::max<int64_t>(1, kStatElems / C);
+    const int64_t blocks = (outer + R - 1) / R;
+    per_channel = blocks;
+    pg.resize(static_cast<size_t>(blocks * C));
+    pgx.resize(static_cast<size_t>(blocks * C));
+    at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
+      float t1[kW], t2[kW];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
+        for (int64_t c0 = 0; c0 < C; c0 += kW) {
+          const int64_t w = std::min<int64_t>(kW, C - c0);
+          fVec M[kNV], sg[kNV], sgx[kNV], g[kNV], xv[kNV];
+          load_f(mean + c0, w, M);
+          for (int k = 0; k < kNV; ++k) sg[k] = sgx[k] = fVec(0.f);
+          auto rows_loop = [&](int64_t width) {
+            for (int64_t r = r0; r < r1; ++r) {
+              const int64_t i = r * C + c0;
+              load_f(dy + i, width, g);
+              load_f(x + i, width, xv);
+              gate.apply(g, i, width);
+              for (int k = 0; k < kNV; ++k) {
+                sg[k] = sg[k] + g[k];
+                sgx[k] = sgx[k] + g[k] * (xv[k] - M[k]);
+              }
+            }
+          };
+          if (w == kW) rows_loop(kW); else rows_loop(w);
+          for (int k = 0; k < kNV; ++k) {
+            sg[k].store(t1 + 8 * k);
+            sgx[k].store(t2 + 8 * k);
+          }
+          for (int64_t j = 0; j < w; ++j) {
+            pg[b * C + c0 + j] = t1[j];
+            pgx[b * C + c0 + j] = t2[j];
+          }
+        }
+      }
+    });
+  } else {
+    const int64_t seg = std::min(inner, kStatElems);
+    nseg = (inner + seg - 1) / seg;
+    const int64_t units = outer * C * nseg;
+    per_channel = outer * nseg;
+    pg.resize(static_cast<size_t>(units));
+    pgx.resize(static_cast<size_t>(units));
+    at::parallel_for(0, units, unit_grain(seg), [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t plane = u / nseg, s = u - plane * nseg;
+        const int64_t len = std::min(seg, inner - s * seg);
+        const int64_t base = plane * inner + s * seg;
+        const fVec M(mean[plane % C]);
+        fVec sg[kNV], sgx[kNV], g[kNV], xv[kNV];
+        for (int k = 0; k < kNV; ++k) sg[k] = sgx[k] = fVec(0.f);
+        auto step = [&](int64_t i, int64_t cnt) {
+          load_f(dy + base + i, cnt, g);
+          load_f(x + base + i, cnt, xv);
+          gate.apply(g, base + i, cnt);
+          for (int k = 0; k < kNV; ++k) {
+            sg[k] = sg[k] + g[k];
+            sgx[k] = sgx[k] + g[k] * (xv[k] - M);  // lanes past cnt: g = 0, x = 0
+          }
+        };
+        int64_t i = 0;
+        for (; i + kW <= len; i += kW) step(i, kW);
+        if (i < len) step(i, len - i);
+        hsum_vecs(sg, kNV, pg[u]);
+        hsum_vecs(sgx, kNV, pgx[u]);
+      }
+    });
+  }
+  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(per_channel, 1)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double a = 0, b = 0;
+      if (inner == 1) {
+        for (int64_t u = 0; u < per_channel; ++u) {
+          a += pg[u * C + c];
+          b += pgx[u * C + c];
+        }
+      } else {
+        for (int64_t o = 0; o < outer; ++o)
+          for (int64_t s = 0; s < nseg; ++s) {
+            a += pg[(o * C + c) * nseg + s];
+            b += pgx[(o * C + c) * nseg + s];
+          }
+      }
+      sum_g[c] = static_cast<float>(a);
+      sum_gx[c] = static_cast<float>(b);
+    }
+  });
+}
+
+// ---- bn_bwd_apply --------------------------------------------------------------------------------------
+// dskip = g; dx = ((g - b) - (x - mean) * d) * a, rounded once.
+template <typename T>
+void bwd_apply_t(const T* dy, const T* x, const T* out, const uint8_t* mask, const float* mean, const float* a,
+                 const float* b, const float* d, T* dx, T* dskip, int64_t n, int64_t C, int64_t inner) {
+  using P = Pack<T>;
+  constexpr int NV = P::kVecs;
+  const Gate<T, NV> gate{out, mask, (n + 7) / 8};
+  std::vector<float> pm, pa, pb, pd;
+  if (inner == 1) {
+    pm = padded(mean, C);
+    pa = padded(a, C);
+    pb = padded(b, C);
+    pd = padded(d, C);
+  }
+  parallel_chunks(n, [&](int64_t i0, int64_t i1) {
+    fVec g[NV], xv[NV], r[NV];
+    for_segments(i0, i1, C, inner, [&](int64_t s0, int64_t s1, int64_t c) {
+      if (inner == 1) {
+        for (int64_t j = s0; j < s1; j += P::size()) {
+          const int64_t cnt = std::min<int64_t>(P::size(), s1 - j);
+          const int64_t cc = c + (j - s0);
+          P::load(dy + j, cnt, g);
+          P::load(x + j, cnt, xv);
+          gate.apply(g, j, cnt);
+          if (dskip) P::store(dskip + j, cnt, g);
+          for (int k = 0; k < NV; ++k) {
+            const int64_t o = cc + 8 * k;
+            r[k] = ((g[k] - fVec::loadu(pb.data() + o)) -
+                    (xv[k] - fVec::loadu(pm.data() + o)) * fVec::loadu(pd.data() + o)) *
+                   fVec::loadu(pa.data() + o);
+          }
+          P::store(dx + j, cnt, r);
+        }
+      } else {
+        const fVec vm(mean[c]), va(a[c]), vb(b[c]), vd(d[c]);
+        for (int64_t j = s0; j < s1; j += P::size()) {
+          const int64_t cnt = std::min<int64_t>(P::size(), s1 - j);
+          P::load(dy + j, cnt, g);
+          P::load(x + j, cnt, xv);
+          gate.apply(g, j, cnt);
+          if (dskip) P::store(dskip + j, cnt, g);
+          for (int k = 0; k < NV; ++k) r[k] = ((g[k] - vb) - (xv[k] - vm) * vd) * va;
+          P::store(dx + j, cnt, r);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace bn
+}  // namespace CPU_CAPABILITY
+
+// ---- Python entry points (registered in module.h) ------------------------------------------------------
+namespace {
+
+namespace kbn = fused_residual::CPU_CAPABILITY::bn;
+
+#define FR_BN_DTYPE_SWITCH(dtype, NAME, ...)                                   \
+  switch (dtype) {                                                             \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__; break; }           \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__; break; }         \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__; break; } \
+    default: TORCH_CHECK(false, NAME, ": unsupported dtype ", dtype); \
+  }
+
+// x: CPU, dense, a supported dtype, numel a multiple of C * inner.
+void bn_check_x(const at::Tensor& x, int64_t C, int64_t inner, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              op, ": unsupported dtype ", x.scalar_type(), " (float32, float16, bfloat16)");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), op, ": x must be dense (non-overlapping, no gaps), got strides ",
+              x.strides());
+  TORCH_CHECK(C >= 1 && inner >= 1, op, ": C and inner must be >= 1, got C=", C, " inner=", inner);
+  TORCH_CHECK(x.numel() % (C * inner) == 0, op, ": numel ", x.numel(), " is not a multiple of C*inner = ",
+              C * inner);
+}
+
+// An activation beside x: same device, dtype, shape and storage layout.
+void bn_check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(), ", expected ",
+              x.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), ", expected ", x.sizes());
+  bool same = t.is_non_overlapping_and_dense();
+  for (int64_t dim = 0; same && dim < t.dim(); ++dim) same = t.size(dim) <= 1 || t.stride(dim) == x.stride(dim);
+  TORCH_CHECK(same, op, ": ", name, " must have x's storage layout (strides ", x.strides(), "), got strides ",
+              t.strides());
+}
+
+void bn_check_vec(const at::Tensor& v, int64_t C, const char* op, const char* name) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == C, op,
+              ": ", name, " must be a contiguous float32 CPU tensor of ", C, " elements, got ", v.scalar_type(),
+              " ", v.sizes(), " on ", v.device());
+}
+
+const uint8_t* bn_mask(const std::optional<at::Tensor>& mask, int64_t numel, const char* op) {
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kByte && mask->is_contiguous() &&
+                  mask->numel() == (numel + 7) / 8,
+              op, ": mask must hold ", (numel + 7) / 8, " contiguous uint8 CPU bytes, got ", mask->sizes(), " ",
+              mask->scalar_type());
+  return mask->data_ptr<uint8_t>();
+}
+
+// One channel: every element is channel 0 whatever the layout, so read storage as one plane.
+void bn_normalize_layout(int64_t numel, int64_t C, int64_t& inner) {
+  if (C == 1) inner = std::max<int64_t>(numel, 1);
+}
+
+void bn_stats(const at::Tensor& x, int64_t C, int64_t inner, const at::Tensor& mean, const at::Tensor& var) {
+  constexpr const char* op = "bn_stats";
+  bn_check_x(x, C, inner, op);
+  bn_check_vec(mean, C, op, "mean");
+  bn_check_vec(var, C, op, "var");
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  bn_normalize_layout(n, C, inner);
+  py::gil_scoped_release no_gil;
+  FR_BN_DTYPE_SWITCH(x.scalar_type(), op,
+                     kbn::stats_t<scalar_t>(static_cast<const scalar_t*>(x.data_ptr()), n, C, inner,
+                                            mean.data_ptr<float>(), var.data_ptr<float>()));
+}
+
+void bn_apply(const at::Tensor& x, const std::optional<at::Tensor>& skip, const at::Tensor& mean,
+              const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out,
+              const std::optional<at::Tensor>& mask, int64_t C, int64_t inner) {
+  constexpr const char* op = "bn_apply";
+  bn_check_x(x, C, inner, op);
+  if (skip.has_value()) bn_check_like(*skip, x, op, "skip");
+  bn_check_like(out, x, op, "out");
+  bn_check_vec(mean, C, op, "mean");
+  bn_check_vec(scale, C, op, "scale");
+  bn_check_vec(shift, C, op, "shift");
+  const int64_t n = x.numel();
+  uint8_t* m = const_cast<uint8_t*>(bn_mask(mask, n, op));
+  if (n == 0) return;
+  bn_normalize_layout(n, C, inner);
+  py::gil_scoped_release no_gil;
+  FR_BN_DTYPE_SWITCH(
+      x.scalar_type(), op,
+      kbn::apply_t<scalar_t>(static_cast<const scalar_t*>(x.data_ptr()),
+                             skip.has_value() ? static_cast<const scalar_t*>(skip->data_ptr()) : nullptr,
+                             mean.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>(),
+                             static_cast<scalar_t*>(out.data_ptr()), m, n, C, inner));
+}
+
+void bn_bwd_reduce(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& out,
+                   const std::optional<at::Tensor>& mask, const at::Tensor& mean, int64_t C, int64_t inner,
+                   const at::Tensor& sum_g, const at::Tensor& sum_gx) {
+  constexpr const char* op = "bn_bwd_reduce";
+  bn_check_x(x, C, inner, op);
+  bn_check_like(dy, x, op, "dy");
+  TORCH_CHECK(out.has_value() || mask.has_value(), op, ": pass out or mask (the ReLU gate)");
+  if (out.has_value()) bn_check_like(*out, x, op, "out");
+  bn_check_vec(mean, C, op, "mean");
+  bn_check_vec(sum_g, C, op, "sum_g");
+  bn_check_vec(sum_gx, C, op, "sum_gx");
+  const int64_t n = x.numel();
+  const uint8_t* m = bn_mask(mask, n, op);
+  if (n == 0) return;
+  bn_normalize_layout(n, C, inner);
+  py::gil_scoped_release no_gil;
+  FR_BN_DTYPE_SWITCH(
+      x.scalar_type(), op,
+      kbn::bwd_reduce_t<scalar_t>(static_cast<const scalar_t*>(dy.data_ptr()),
+                                  static_cast<const scalar_t*>(x.data_ptr()),
+                                  m == nullptr ? static_cast<const scalar_t*>(out->data_ptr()) : nullptr, m,
+                                  mean.data_ptr<float>(), n, C, inner, sum_g.data_ptr<float>(),
+                                  sum_gx.data_ptr<float>()));
+}
+
+void bn_bwd_apply(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& out,
+                  const std::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& a,
+                  const at::Tensor& b, const at::Tensor& d, const at::Tensor& dx,
+                  const std::optional<at::Tensor>& dskip, int64_t C, int64_t inner) {
+  constexpr const char* op = "bn_bwd_apply";
+  bn_check_x(x, C, inner, op);
+  bn_check_like(dy, x, op, "dy");
+  bn_check_like(dx, x, op, "dx");
+  if (dskip.has_value()) bn_check_like(*dskip, x, op, "dskip");
+  TORCH_CHECK(out.has_value() || mask.has_value(), op, ": pass out or mask (the ReLU gate)");
+  if (out.has_value()) bn_check_like(*out, x, op, "out");
+  bn_check_vec(mean, C, op, "mean");
+  bn_check_vec(a, C, op, "a");
+  bn_check_vec(b, C, op, "b");
+  bn_check_vec(d, C, op, "d");
+  const int64_t n = x.numel();
+  const uint8_t* m = bn_mask(mask, n, op);
+  if (n == 0) return;
+  bn_normalize_layout(n, C, inner);
+  py::gil_scoped_release no_gil;
+  FR_BN_DTYPE_SWITCH(
+      x.scalar_type(), op,
+      kbn::bwd_apply_t<scalar_t>(static_cast<const scalar_t*>(dy.data_ptr()),
+                                 static_cast<const scalar_t*>(x.data_ptr()),
+                                 m == nullptr ? static_cast<const scalar_t*>(out->data_ptr()) : nullptr, m,
+                                 mean.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
+                                 d.data_ptr<float>(), static_cast<scalar_t*>(dx.data_ptr()),
+                                 dskip.has_value() ? static_cast<scalar_t*>(dskip->data_ptr()) : nullptr, n, C,
+                                 inner));
+}
+
+#undef FR_BN_DTYPE_SWITCH
+
+}  // namespace
+}  // namespace fused_residual
