@@ -27,6 +27,8 @@ def add_relu(z: torch.Tensor, skip: torch.Tensor, *, save: str = "output") -> to
     _checks.tensors("add_relu", z=z, skip=skip)
     if save not in SAVE_MODES:
         raise ValueError(f"add_relu: save must be one of {SAVE_MODES}, got {save!r}")
+    if plain_under_compile():
+        return reference.add_relu(z, skip)
     if save == "mask" and torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
         return _direct.run(torch.ops.fused_residual.add_relu_with_mask, _ar.AddReLUWithMask,
                            _ar._add_relu_with_mask, lambda z, skip: (reference.add_relu(z, skip),), z, skip)[0]
@@ -48,8 +50,8 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling() and z.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError("add_relu_: in-place update of an inference tensor outside InferenceMode is not "
                            "allowed (clone it first)")
-    if _direct.transformed():  # as eager's in-place ops: functorch and forward AD handle those
-        return z.add_(skip).relu_()
+    if plain_under_compile() or _direct.transformed():  # the aten ops: Inductor fuses them; functorch and
+        return z.add_(skip).relu_()  # forward AD handle them
     if torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
         if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
             # torch.jit.trace refuses in-place autograd Functions, and dynamo of torch 2.11 traces this one
@@ -79,6 +81,8 @@ def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     _checks.tensors("linear_add_relu", x=x, weight=weight, residual=residual)
     _checks.optional_tensors("linear_add_relu", bias=bias)
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
+    if plain_under_compile():
+        return reference.linear_add_relu(x, weight, residual, bias)
     return _direct.run(torch.ops.fused_residual.linear_add_relu, _gemm.LinearAddReLU, _gemm._linear_add_relu,
                        reference.linear_add_relu, x, weight, residual, bias)
 
@@ -95,6 +99,8 @@ def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.
     _checks.optional_tensors("dual_linear_add_relu", bias=bias)
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
+    if plain_under_compile():
+        return reference.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias)
     return _direct.run(torch.ops.fused_residual.dual_linear_add_relu, _gemm.DualLinearAddReLU,
                        _gemm._dual_linear_add_relu, reference.dual_linear_add_relu,
                        x, weight, shortcut, shortcut_weight, bias)
@@ -112,6 +118,8 @@ def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
     _checks.optional_tensors("conv1x1_add_relu", bias=bias)
     _gemm._check_stride("conv1x1_add_relu", "stride", stride)  # here, so that every path raises alike
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
+    if plain_under_compile():
+        return reference.conv1x1_add_relu(x, weight, residual, bias, stride)
     return _direct.run(torch.ops.fused_residual.conv1x1_add_relu, _gemm.Conv1x1AddReLU, _gemm._conv1x1_add_relu,
                        reference.conv1x1_add_relu, x, weight, residual, bias, stride)
 
@@ -127,6 +135,8 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
     _gemm._check_stride("dual_conv1x1_add_relu", "shortcut_stride", shortcut_stride)
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
+    if plain_under_compile():
+        return reference.dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias, shortcut_stride)
     return _direct.run(torch.ops.fused_residual.dual_conv1x1_add_relu, _gemm.DualConv1x1AddReLU,
                        _gemm._dual_conv1x1_add_relu, reference.dual_conv1x1_add_relu,
                        x, weight, shortcut, shortcut_weight, bias, shortcut_stride)

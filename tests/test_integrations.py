@@ -367,6 +367,13 @@ def test_eval_folds_bn_only_where_that_pays(monkeypatch):
         assert _rel(fused(large), model(large)) < 1e-4
     # (layer 1's tails fold at batch 2, 64 px; the deeper layers' weights outweigh their outputs there)
     assert "dual_conv1x1_add_relu" in calls and "conv1x1_add_relu" in calls, calls
+    # the default compile policy exports the unconverted model's aten graph; "kernels" keeps the ops
+    program = torch.export.export(fused, (small,))
+    assert not [n for n in program.graph.nodes if "fused_residual" in str(n.target)]
+    with torch.no_grad():
+        assert_bitwise_equal(program.module()(large), torch.export.export(model, (small,)).module()(large),
+                             "exported converted model = exported original")
+    monkeypatch.setattr(fr._compile, "_policy", "kernels")
     program = torch.export.export(fused, (small,))
     targets = [str(n.target) for n in program.graph.nodes if "fused_residual" in str(n.target)]
     assert sum("dual_conv1x1_add_relu" in t for t in targets) == 4

@@ -14,6 +14,7 @@ no BN is folded (the graph would keep eval mode for good).
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch.nn import functional as F
 from torch.nn.modules import module as _module
 
 from .. import functional as fr
+from .._compile import plain_under_compile
 
 # FX symbolic tracing (torchvision's create_feature_extractor) records these helpers as one call each: their
 # dtype tests cannot run on proxies. The fused functions the tails call are recorded the same way.
@@ -65,6 +67,63 @@ def tail_why_not(act: nn.Module, name: str = "activation", now: bool = True) -> 
     if global_hooks():
         return "global module hooks are registered"
     return None
+
+
+class FusedForward:
+    """The ``forward`` of every fused block class (a mixin before the original class).
+
+    It runs the block's fused computation (``_fused_forward``) in eager mode, and the original class's
+    ``forward`` where the fused one must not run:
+
+    * under TorchScript (``torch.jit.script``): the original forward compiles as it always did (the fused
+      one is Python-only, ``torch.jit.unused``);
+    * while torch.compile / torch.export traces with the ``"inductor"`` compile policy (the default, see
+      ``fused_residual._compile``): Inductor then sees exactly the unconverted model's graph and fuses it
+      as well as it fuses that (our ops would be opaque extern calls to it);
+    * whenever ``why_not`` gives a reason at this call (hooks on a module the fused path skips, global
+      module hooks).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._original_forward(x)
+        if self._run_original():
+            return self._original_forward(x)
+        return self._fused_forward(x)
+
+    @torch.jit.unused
+    def _run_original(self) -> bool:
+        return plain_under_compile() or self._why_not() is not None
+
+    @torch.jit.unused
+    def _why_not(self) -> str | None:
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _renamed(fn, name: str):
+    """``fn`` under another name (same code, globals and closure). TorchScript names a method it compiles
+    after the function's ``__name__``: the original ``forward`` called from ours must not be "forward"."""
+    g = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    g.__kwdefaults__, g.__annotations__ = fn.__kwdefaults__, dict(fn.__annotations__)
+    g.__qualname__ = fn.__qualname__.rsplit(".", 1)[0] + "." + name
+    return g
+
+
+def fused_class(base: type, why_not, fused_forward, name: str) -> type:
+    """The fused subclass of block class ``base``: :class:`FusedForward` with ``base.forward`` as the
+    original forward, ``fused_forward(self, x)`` as the fused one, ``why_not(self)`` asked per call."""
+    return type(name, (FusedForward, base), {
+        "__module__": fused_forward.__module__,
+        "__qualname__": name,
+        "__doc__": f"{base.__module__}.{base.__qualname__} with its residual tail fused (fused_residual.convert).",
+        "_original_forward": _renamed(base.forward, "_original_forward"),
+        "_fused_forward": torch.jit.unused(fused_forward),
+        "_why_not": torch.jit.unused(lambda self: why_not(self)),
+    })
 
 
 def bn_foldable(bn: nn.Module) -> bool:

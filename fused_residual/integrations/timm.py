@@ -12,7 +12,8 @@ import torch
 from timm.models import resnet
 from torch import nn
 
-from ._common import add_relu_tail, basic_tail, bottleneck_tail, conv_bn, passes_through, shortcut, tail_why_not
+from ._common import (add_relu_tail, basic_tail, bottleneck_tail, conv_bn, fused_class, passes_through, shortcut,
+                      tail_why_not)
 
 torch.fx.wrap("add_relu_tail")  # as in _common: one call in FX graphs (this module's name for it)
 
@@ -25,38 +26,35 @@ def why_not(block: nn.Module, now: bool = True) -> str | None:
     return tail_why_not(_tail_act(block), "tail activation", now=now)
 
 
-class FusedBasicBlock(resnet.BasicBlock):
-    def forward(self, x):
-        if why_not(self):
-            return super().forward(x)
-        shortcut_in = x
-        x = conv_bn(x, self.conv1, self.bn1)
-        x = self.aa(self.act1(self.drop_block(x)))
-        x = conv_bn(x, self.conv2, self.bn2)
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return basic_tail(x, shortcut_in, self.downsample)
+def basic_forward(self, x):
+    shortcut_in = x
+    x = conv_bn(x, self.conv1, self.bn1)
+    x = self.aa(self.act1(self.drop_block(x)))
+    x = conv_bn(x, self.conv2, self.bn2)
+    if self.se is not None:
+        x = self.se(x)
+    if self.drop_path is not None:
+        x = self.drop_path(x)
+    return basic_tail(x, shortcut_in, self.downsample)
 
 
-class FusedBottleneck(resnet.Bottleneck):
-    def forward(self, x):
-        if why_not(self):
-            return super().forward(x)
-        shortcut_in = x
-        x = self.act1(conv_bn(x, self.conv1, self.bn1))
-        x = conv_bn(x, self.conv2, self.bn2)
-        x = self.aa(self.act2(self.drop_block(x)))
-        if self.se is None and passes_through(self.drop_path):
-            return bottleneck_tail(x, shortcut_in, self.conv3, self.bn3, self.downsample)
-        x = conv_bn(x, self.conv3, self.bn3)
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return add_relu_tail(x, shortcut(self.downsample, shortcut_in))
+def bottleneck_forward(self, x):
+    shortcut_in = x
+    x = self.act1(conv_bn(x, self.conv1, self.bn1))
+    x = conv_bn(x, self.conv2, self.bn2)
+    x = self.aa(self.act2(self.drop_block(x)))
+    if self.se is None and passes_through(self.drop_path):
+        return bottleneck_tail(x, shortcut_in, self.conv3, self.bn3, self.downsample)
+    x = conv_bn(x, self.conv3, self.bn3)
+    if self.se is not None:
+        x = self.se(x)
+    if self.drop_path is not None:
+        x = self.drop_path(x)
+    return add_relu_tail(x, shortcut(self.downsample, shortcut_in))
 
+
+FusedBasicBlock = fused_class(resnet.BasicBlock, why_not, basic_forward, "FusedBasicBlock")
+FusedBottleneck = fused_class(resnet.Bottleneck, why_not, bottleneck_forward, "FusedBottleneck")
 
 BLOCKS = {
     resnet.BasicBlock: (FusedBasicBlock, why_not, "timm.BasicBlock"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import resnet
 
-from ._common import basic_tail, bottleneck_tail, conv_bn, tail_why_not
+from ._common import basic_tail, bottleneck_tail, conv_bn, fused_class, tail_why_not
 
 
 def why_not(block: nn.Module, now: bool = True) -> str | None:
@@ -22,23 +22,20 @@ def why_not(block: nn.Module, now: bool = True) -> str | None:
     return tail_why_not(block.relu, now=now)
 
 
-class FusedBasicBlock(resnet.BasicBlock):
-    def forward(self, x):
-        if why_not(self):  # activation swapped or hooked after conversion, global hooks: the original forward
-            return super().forward(x)
-        out = self.relu(conv_bn(x, self.conv1, self.bn1))
-        out = conv_bn(out, self.conv2, self.bn2)
-        return basic_tail(out, x, self.downsample)
+def basic_forward(self, x):
+    out = self.relu(conv_bn(x, self.conv1, self.bn1))
+    out = conv_bn(out, self.conv2, self.bn2)
+    return basic_tail(out, x, self.downsample)
 
 
-class FusedBottleneck(resnet.Bottleneck):
-    def forward(self, x):
-        if why_not(self):
-            return super().forward(x)
-        out = self.relu(conv_bn(x, self.conv1, self.bn1))
-        out = self.relu(conv_bn(out, self.conv2, self.bn2))
-        return bottleneck_tail(out, x, self.conv3, self.bn3, self.downsample)
+def bottleneck_forward(self, x):
+    out = self.relu(conv_bn(x, self.conv1, self.bn1))
+    out = self.relu(conv_bn(out, self.conv2, self.bn2))
+    return bottleneck_tail(out, x, self.conv3, self.bn3, self.downsample)
 
+
+FusedBasicBlock = fused_class(resnet.BasicBlock, why_not, basic_forward, "FusedBasicBlock")
+FusedBottleneck = fused_class(resnet.Bottleneck, why_not, bottleneck_forward, "FusedBottleneck")
 
 # original class -> (fused class, why_not, short name)
 BLOCKS = {
