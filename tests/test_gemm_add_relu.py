@@ -386,12 +386,23 @@ def test_registered_ops_autocast_their_inputs(device, backend):
         def forward(self, x, w, r):
             return fr.conv1x1_add_relu(x, w, r)
 
-    program = torch.export.export(Block(), (x, w, r))
-    with fr.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16):
-        out, eager = program.module()(x, w, r), torch.relu(torch.nn.functional.conv2d(x, w) + r)
+    # The default compile policy exports the aten expression: under autocast it computes as eager does (a
+    # bf16 convolution plus a float32 residual: float32). The kernels policy exports the op, whose autocast
+    # kernel casts every input: bf16, as the public function under autocast.
     ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double()) + r.double())
-    assert out.dtype == torch.bfloat16
-    assert_close_to_ref(out, eager, ref, "exported program under autocast")
+    for policy, dtype in (("inductor", torch.float32), ("kernels", torch.bfloat16)):
+        fr.set_compile_policy(policy)
+        try:
+            program = torch.export.export(Block(), (x, w, r))
+        finally:
+            fr.set_compile_policy("inductor")
+        assert ("fused_residual" in str(program.graph)) == (policy == "kernels")
+        with fr.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16):
+            out = program.module()(x, w, r)
+            eager = (torch.relu(torch.nn.functional.conv2d(x, w) + r) if policy == "inductor"
+                     else fr.conv1x1_add_relu(x, w, r))
+        assert out.dtype == dtype, policy
+        assert_close_to_ref(out, eager, ref, f"exported program under autocast ({policy} policy)")
 
 
 def test_autocast_leaves_float64_alone():
