@@ -91,3 +91,51 @@ def layout(base: torch.Tensor, kind: str) -> torch.Tensor:
         view.copy_(base)
         return view
     raise ValueError(f"unknown layout {kind!r}; expected one of {LAYOUTS}")
+
+
+def accuracy_l2(fused: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> Accuracy:
+    """:func:`accuracy` in the L2 norm, with twice the factor: ``||fused - ref64|| <= 4 ||eager - ref64|| +
+    atol * max(1, ||ref64||)``. For gradients through half-precision ReLUs, whose gates flip with rounding
+    for a fraction of the elements in any computation (eager's included) against float64: the worst
+    element is chance there, and the norms of two independent sets of flips differ by up to ~3x from draw
+    to draw (bfloat16 Bottleneck gradients, 40 draws)."""
+    if fused.shape != ref64.shape:
+        return Accuracy(float("inf"), 0.0, 0.0)
+    err = torch.linalg.vector_norm(fused.double() - ref64).item()
+    eager_err = torch.linalg.vector_norm(eager.double() - ref64).item()
+    scale = max(1.0, torch.linalg.vector_norm(ref64).item())
+    return Accuracy(err, eager_err, 4 * eager_err + ATOL[fused.dtype] * scale)
+
+
+def relu_margin(model: torch.nn.Module, *inputs) -> float:
+    """The smallest ``|pre-activation| / max |pre-activation|`` over every call of every ``nn.ReLU`` in
+    ``model`` (run on a copy, so running statistics stay as they are). A float32 computation and float64 may
+    put an input closer to 0 than rounding on either side of the kink: its gradient then differs by the
+    whole gradient there, in any reimplementation. Checks of float32 gradients through ReLUs draw inputs
+    whose margin is clear of that."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    margins = []
+
+    def hook(module, args):
+        v = args[0].detach().abs()
+        if v.numel():
+            margins.append((v.min() / v.max().clamp_min(1e-300)).item())
+
+    handles = [m.register_forward_pre_hook(hook) for m in probe.modules() if isinstance(m, torch.nn.ReLU)]
+    with torch.no_grad():
+        probe(*inputs)
+    for h in handles:
+        h.remove()
+    return min(margins, default=1.0)
+
+
+def draw_clear_of_relu_kinks(model: torch.nn.Module, draw, margin: float = 2e-6, tries: int = 20):
+    """``draw()`` until :func:`relu_margin` of ``model`` (float64) on its result is at least ``margin``; the
+    last draw after ``tries``."""
+    for _ in range(tries):
+        x = draw()
+        if relu_margin(model, x.double()) >= margin:
+            return x
+    return x

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torch.nn.modules import module as _module
 
 from .. import functional as fr
+from .._checks import SUPPORTED_DTYPES
 from .._compile import plain_under_compile
 
 # FX symbolic tracing (torchvision's create_feature_extractor) records these helpers as one call each: their
@@ -54,12 +55,24 @@ def global_hooks() -> bool:
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
-def tail_why_not(act: nn.Module, name: str = "activation", now: bool = True) -> str | None:
+def norm_why_not(block: nn.Module) -> str | None:
+    """Why the block's own BatchNorm layers keep it unconverted: a subclass of BatchNorm (SyncBatchNorm
+    reduces its statistics across processes; others override what the fused ops compute)."""
+    for name, child in block.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and type(child) is not nn.BatchNorm2d:
+            return f"{name} is {type(child).__name__} (only nn.BatchNorm2d is fused or folded)"
+    return None
+
+
+def tail_why_not(act: nn.Module, name: str = "activation", now: bool = True,
+                 block: nn.Module | None = None) -> str | None:
     """Why a block whose tail activation is ``act`` cannot be converted (``now`` false: what its structure
     says), or must run its original forward at this call (``now``: hooks too). The fused tail never calls
     the activation module."""
     if type(act) is not nn.ReLU:
         return f"{name} is {type(act).__name__}, not ReLU"
+    if block is not None and (why := norm_why_not(block)):
+        return why
     if not now:
         return None
     if not unhooked(act):
@@ -81,19 +94,21 @@ class FusedForward:
       ``fused_residual._compile``): Inductor then sees exactly the unconverted model's graph and fuses it
       as well as it fuses that (our ops would be opaque extern calls to it);
     * whenever ``why_not`` gives a reason at this call (hooks on a module the fused path skips, global
-      module hooks).
+      module hooks), or the input's dtype is not one the fused ops take (float64).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._original_forward(x)
-        if self._run_original():
+        if self._run_original(x):
             return self._original_forward(x)
         return self._fused_forward(x)
 
     @torch.jit.unused
-    def _run_original(self) -> bool:
-        return plain_under_compile() or self._why_not() is not None
+    def _run_original(self, x: torch.Tensor) -> bool:
+        if plain_under_compile() or self._why_not() is not None:
+            return True
+        return not fx_tracing() and x.dtype not in SUPPORTED_DTYPES  # float64 models run as they are
 
     @torch.jit.unused
     def _why_not(self) -> str | None:
@@ -180,6 +195,59 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
     return bn(conv(x))
 
 
+def bn_fusable(bn: nn.Module) -> bool:
+    """``bn`` normalises with batch statistics at this call (training, or no running statistics) and the
+    fused BatchNorm ops can stand for it: a plain ``nn.BatchNorm2d`` (SyncBatchNorm and other subclasses run
+    themselves) without hooks, and no FX trace being made (the call would freeze this batch's momentum into
+    the graph). Under torch.compile (the ``"kernels"`` compile policy) ``momentum=None`` runs the module: its
+    momentum is read from a buffer. The caller checks that the input is 4-D, as the module would."""
+    return (type(bn) is nn.BatchNorm2d and unhooked(bn)
+            and (bn.training or bn.running_mean is None or bn.running_var is None)
+            and not fx_tracing() and not (bn.momentum is None and torch.compiler.is_compiling()))
+
+
+def bn_arguments(bn: nn.BatchNorm2d):
+    """``(running_mean, running_var, training, momentum)`` as ``nn.BatchNorm2d.forward`` hands them to
+    ``F.batch_norm``, with its side effect done: ``num_batches_tracked`` counts this batch in training, and
+    ``momentum=None`` means the cumulative average ``1 / num_batches_tracked``."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return (bn.running_mean if keep else None), (bn.running_var if keep else None), training, momentum
+
+
+def is_relu(act: nn.Module) -> bool:
+    """``act`` is a plain ReLU without hooks: the fused ops may compute it without calling it."""
+    return type(act) is nn.ReLU and unhooked(act)
+
+
+def conv_bn_relu(x: torch.Tensor, conv: nn.Module, bn: nn.Module, act: nn.Module) -> torch.Tensor:
+    """``act(bn(conv(x)))``: with batch statistics (training) BN-apply and the ReLU run as one
+    ``batch_norm_relu``; in eval BN is folded into the convolution where that pays (:func:`conv_bn`)."""
+    if not (is_relu(act) and bn_fusable(bn)):
+        return act(conv_bn(x, conv, bn))
+    h = conv(x)
+    if h.dim() != 4:  # BatchNorm2d's own error
+        return act(bn(h))
+    running_mean, running_var, training, momentum = bn_arguments(bn)
+    return fr.batch_norm_relu(h, running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps)
+
+
+def bn_add_relu(h: torch.Tensor, bn: nn.Module, skip: torch.Tensor) -> torch.Tensor:
+    """``relu(bn(h) + skip)`` as the block tails write it (``out += skip`` in place, then the ReLU): one
+    ``batch_norm_add_relu`` when BN uses batch statistics and the shortcut has h's shape and dtype (under
+    autocast a float32 shortcut beside a bf16 main path adds in float32 as eager does, unfused)."""
+    if bn_fusable(bn) and h.dim() == 4 and skip.dtype == h.dtype and skip.shape == h.shape:
+        running_mean, running_var, training, momentum = bn_arguments(bn)
+        return fr.batch_norm_add_relu(h, skip, running_mean, running_var, bn.weight, bn.bias, training, momentum,
+                                      bn.eps)
+    return add_relu_tail(bn(h), skip)
+
+
 def is_gemm_conv(conv: nn.Module, stride_one: bool = False) -> bool:
     """A plain 1x1 convolution (square stride, no padding, dilation or groups): a GEMM over pixels."""
     return (type(conv) is nn.Conv2d and unhooked(conv) and conv.kernel_size == (1, 1) and conv.groups == 1
@@ -240,7 +308,8 @@ def add_relu_tail(out: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 
 def basic_tail(out: torch.Tensor, x: torch.Tensor, downsample: nn.Module | None) -> torch.Tensor:
     """``relu(out + shortcut(x))`` for a BasicBlock: when the projection's BN can be folded, the shortcut's
-    1x1 GEMM runs with ``out`` as its residual and the ReLU in its epilogue."""
+    1x1 GEMM runs with ``out`` as its residual and the ReLU in its epilogue (see also
+    :func:`conv_bn_tail`)."""
     proj = Projection.parse(downsample)
     if proj is not None and proj.gemm_ready() and fold_pays(out.numel(), proj.conv):
         w, b = proj.folded()
@@ -248,10 +317,21 @@ def basic_tail(out: torch.Tensor, x: torch.Tensor, downsample: nn.Module | None)
     return add_relu_tail(out, shortcut(downsample, x))
 
 
+def conv_bn_tail(h: torch.Tensor, x: torch.Tensor, conv: nn.Module, bn: nn.Module,
+                 downsample: nn.Module | None) -> torch.Tensor:
+    """``relu(bn(conv(h)) + shortcut(x))`` for a BasicBlock's conv2 and bn2: one ``batch_norm_add_relu`` in
+    training, :func:`basic_tail` after the (folded) convolution otherwise."""
+    if bn_fusable(bn):
+        return bn_add_relu(conv(h), bn, shortcut(downsample, x))
+    return basic_tail(conv_bn(h, conv, bn), x, downsample)
+
+
 def bottleneck_tail(h: torch.Tensor, x: torch.Tensor, conv3: nn.Module, bn3: nn.Module,
                     downsample: nn.Module | None) -> torch.Tensor:
     """``relu(bn3(conv3(h)) + shortcut(x))`` for a Bottleneck: with BN folded, conv3 and the projection
     accumulate in one dual GEMM kernel (or conv3 takes the identity as its residual)."""
+    if bn_fusable(bn3):  # training: BN-apply, the add and the ReLU in one pass
+        return bn_add_relu(conv3(h), bn3, shortcut(downsample, x))
     out_elements = conv_out_elements(h, conv3)
     if is_gemm_conv(conv3, stride_one=True) and bn_foldable(bn3) and fold_pays(out_elements, conv3):
         w3, b3 = fold_bn(conv3.weight, conv3.bias, bn3)

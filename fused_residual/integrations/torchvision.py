@@ -3,7 +3,8 @@
 ``convert`` swaps a block's class for the subclass below (same attributes, parameters and buffers; only
 ``forward`` differs); ``revert`` swaps it back.
 
-Train mode: the tail ``out += identity; relu`` runs as one in-place ``add_relu_``.
+Train mode: each BN followed by the ReLU runs as one ``batch_norm_relu``, and the last BN, the shortcut add
+and the ReLU as one ``batch_norm_add_relu`` (the downsample's BN stays a module call).
 Eval mode: every conv+BN pair is folded into one convolution; the Bottleneck's conv3+bn3 and the downsample
 conv+bn run as one ``dual_conv1x1_add_relu`` kernel (identity blocks: ``conv1x1_add_relu`` with the input as
 the residual); the BasicBlock's downsample runs as ``conv1x1_add_relu`` with the main path as the residual.
@@ -14,23 +15,22 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import resnet
 
-from ._common import basic_tail, bottleneck_tail, conv_bn, fused_class, tail_why_not
+from ._common import bottleneck_tail, conv_bn_relu, conv_bn_tail, fused_class, tail_why_not
 
 
 def why_not(block: nn.Module, now: bool = True) -> str | None:
     """Why ``block`` cannot be converted (``now`` false), or cannot run fused at this call, or None."""
-    return tail_why_not(block.relu, now=now)
+    return tail_why_not(block.relu, now=now, block=block)
 
 
 def basic_forward(self, x):
-    out = self.relu(conv_bn(x, self.conv1, self.bn1))
-    out = conv_bn(out, self.conv2, self.bn2)
-    return basic_tail(out, x, self.downsample)
+    out = conv_bn_relu(x, self.conv1, self.bn1, self.relu)
+    return conv_bn_tail(out, x, self.conv2, self.bn2, self.downsample)
 
 
 def bottleneck_forward(self, x):
-    out = self.relu(conv_bn(x, self.conv1, self.bn1))
-    out = self.relu(conv_bn(out, self.conv2, self.bn2))
+    out = conv_bn_relu(x, self.conv1, self.bn1, self.relu)
+    out = conv_bn_relu(out, self.conv2, self.bn2, self.relu)
     return bottleneck_tail(out, x, self.conv3, self.bn3, self.downsample)
 
 
