@@ -156,11 +156,13 @@ def _batch_norm_fused(op: str, x, skip, running_mean, running_var, weight, bias,
     save_mask = save == "mask" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
     if skip is None:
-        out, _, mean, _, var = torch.ops.fused_residual.batch_norm_relu(
-            x, weight, bias, running_mean, running_var, training, eps, save_mask)
+        out, _, mean, _, var = _direct.run(torch.ops.fused_residual.batch_norm_relu, _bn.BatchNormReLU,
+                                           _bn._batch_norm_relu, None, x, weight, bias, running_mean,
+                                           running_var, training, eps, save_mask)
     else:
-        out, _, mean, _, var = torch.ops.fused_residual.batch_norm_add_relu(
-            x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
+        out, _, mean, _, var = _direct.run(torch.ops.fused_residual.batch_norm_add_relu, _bn.BatchNormAddReLU,
+                                           _bn._batch_norm_add_relu, None, x, skip, weight, bias,
+                                           running_mean, running_var, training, eps, save_mask)
     if training and running_mean is not None:
         _bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return out

@@ -333,9 +333,15 @@ def check_resnet_block(dtype: torch.dtype, device: str, backend: str | None, tra
         eager.backward(grad)
         expected = ref64(x64)
         expected.backward(grad.double())
-        with _backend.use_backend(backend or _backend.current_backend()):
-            out = fused(xf)
-            out.backward(grad)
+        from .integrations import _common
+
+        threshold, _common.CPU_BN_MIN_ELEMENTS = _common.CPU_BN_MIN_ELEMENTS, 0  # fused at any size
+        try:
+            with _backend.use_backend(backend or _backend.current_backend()):
+                out = fused(xf)
+                out.backward(grad)
+        finally:
+            _common.CPU_BN_MIN_ELEMENTS = threshold
 
         def flat(tensors, as_dtype=None):
             return torch.cat([t.reshape(-1).to(as_dtype or t.dtype) for t in tensors])

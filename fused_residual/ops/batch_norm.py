@@ -40,6 +40,7 @@ import types
 import torch
 
 from .. import _alloc, _backend, _checks, _cpp, reference
+from . import _direct
 
 OPS = "fused_residual"
 
@@ -215,13 +216,21 @@ def _fake_outputs(x, save_mask: bool):
     return out, mask, x.new_empty(C, **f32), x.new_empty(C, **f32), x.new_empty(C, **f32)
 
 
+def _batch_norm_relu(x, weight, bias, running_mean, running_var, training, eps, save_mask):
+    return _forward(x, None, weight, bias, running_mean, running_var, training, eps, save_mask)
+
+
+def _batch_norm_add_relu(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask):
+    return _forward(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
+
+
 @torch.library.custom_op(f"{OPS}::batch_norm_relu", mutates_args=())
 def batch_norm_relu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
                     eps: float, save_mask: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check("batch_norm_relu", x, None, running_mean, running_var, weight, bias, training)
-    return _forward(x, None, weight, bias, running_mean, running_var, training, eps, save_mask)
+    return _batch_norm_relu(x, weight, bias, running_mean, running_var, training, eps, save_mask)
 
 
 @batch_norm_relu.register_fake
@@ -236,7 +245,7 @@ def batch_norm_add_relu(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tenso
                         running_var: torch.Tensor | None, training: bool, eps: float, save_mask: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check("batch_norm_add_relu", x, skip, running_mean, running_var, weight, bias, training)
-    return _forward(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
+    return _batch_norm_add_relu(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
 
 
 @batch_norm_add_relu.register_fake
@@ -271,6 +280,11 @@ def batch_norm_relu_backward(grad: torch.Tensor, x: torch.Tensor, out: torch.Ten
                              weight: torch.Tensor | None, training: bool, skip_grad: bool, param_grads: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward(grad, x, out, mask, mean, invstd)
+    return _batch_norm_relu_backward(grad, x, out, mask, mean, invstd, weight, training, skip_grad, param_grads)
+
+
+def _batch_norm_relu_backward(grad, x, out, mask, mean, invstd, weight, training: bool, skip_grad: bool,
+                              param_grads: bool):
     C = x.shape[1]
     fmt = canonical_format(x)
     x = in_format(x, fmt)
@@ -328,7 +342,8 @@ def _grads(ctx, grad):
     # input order: x, [skip,] weight, bias, ...
     i_w = 2 if ctx.has_skip else 1
     need_params = need[i_w] or need[i_w + 1]
-    dx, dskip, dw, db = torch.ops.fused_residual.batch_norm_relu_backward(
+    dx, dskip, dw, db = _direct.call(
+        batch_norm_relu_backward, _batch_norm_relu_backward,
         grad, x, None if ctx.save_mask else gate, gate if ctx.save_mask else None, mean, invstd, weight,
         ctx.training, ctx.has_skip and need[1], need_params)
     dw = dw.to(ctx.weight_dtype) if need[i_w] else None
@@ -375,3 +390,10 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
         unbiased = var * (count / (count - 1)) if count > 1 else var
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+# The eager fast path (fused_residual.ops._direct): the same implementation and formulas without the
+# dispatcher round trips, for plain tensors in plain eager mode
+BatchNormReLU = _direct.function("batch_norm_relu", _batch_norm_relu, _setup_relu, _backward_relu)
+BatchNormAddReLU = _direct.function("batch_norm_add_relu", _batch_norm_add_relu, _setup_add_relu,
+                                    _backward_add_relu)
