@@ -1,8 +1,9 @@
 """ResNet end to end: a torchvision ResNet converted with fused_residual.convert, checked against the
 unconverted model, then a training step and inference timed for eager, fused, torch.compile and
 torch.compile + fused, with images/s and peak memory. Inference also times eager with conv+BN folded by
-PyTorch's own FX pass, since the converted model folds them too: "fused" over that row is what the fused
-tails add beyond BN folding.
+PyTorch's own FX pass, since the converted model folds them too ("fused" over that row is what the fused
+tails add beyond BN folding), and the model frozen by fused_residual.freeze (BN folded once), eager and
+compiled.
 
     python benchmarks/bench_resnet.py [--device cpu|cuda] [--quick] [--out DIR]
     fused-residual resnet [--model resnet50] [--batch N] [--dtype bf16] [--device cuda] [--no-compile]
@@ -77,14 +78,19 @@ def _timed(step, steps: int, device: str) -> tuple[float, float | None]:
     return statistics.median(times) * 1e3, peak
 
 
-def parity(base, fused, x) -> dict:
-    """Relative max error of the converted model against the unconverted one (eval, then train forward)."""
+def parity(base, fused, x, frozen=None) -> dict:
+    """Relative max error of the converted model against the unconverted one (eval, then train forward),
+    and of the frozen model in eval."""
     out = {}
     for mode in ("eval", "train"):
         a, b = copy.deepcopy(base).train(mode == "train"), copy.deepcopy(fused).train(mode == "train")
         with torch.no_grad():
             ref, got = a(x).float(), b(x).float()
         out[mode] = ((got - ref).abs().max() / ref.abs().max()).item()
+    if frozen is not None:
+        with torch.no_grad():
+            ref, got = copy.deepcopy(base).eval()(x).float(), frozen(x).float()
+        out["frozen"] = ((got - ref).abs().max() / ref.abs().max()).item()
     return out
 
 
@@ -125,26 +131,32 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, mo
     y = torch.randint(0, 1000, (batch,), device=device)
     shape = f"b{batch} {image_size}px"
 
-    err = parity(base, fused, x[: min(batch, 8)]) if check else {}
+    frozen = fr.freeze(base) if infer else None
+    if frozen is not None:
+        print(frozen.report.__str__().splitlines()[0], flush=True)
+    err = parity(base, fused, x[: min(batch, 8)], frozen) if check else {}
     tol = 1e-4 if tdtype == torch.float32 else 5e-2
     for mode, e in err.items():
         verdict = "ok" if e <= tol else "MISMATCH"
-        print(f"parity {mode}: converted vs unconverted max relative error {e:.2e} ({verdict}, tolerance {tol:g})",
+        which = "frozen" if mode == "frozen" else "converted"
+        print(f"parity {mode}: {which} vs unconverted max relative error {e:.2e} ({verdict}, tolerance {tol:g})",
               flush=True)
-        bench.add(common.Row(f"{model} parity", shape, dname, "fused vs eager", mode, 0.0, e, "rel err"))
+        bench.add(common.Row(f"{model} parity", shape, dname, f"{'frozen' if mode == 'frozen' else 'fused'} vs eager",
+                             mode, 0.0, e, "rel err"))
 
     # Inference baseline with conv+BN folded by PyTorch (torch.fx.experimental.optimization.fuse): the
     # converted model folds them too, so the "fused" speed-up over it is what the fused tails add on top.
     timed = variants is None or "eager, BN folded" in variants
     folded = _bn_folded(base) if infer and timed else None  # (a third model in memory: only when timed)
-    runs = [("eager", base, False), ("eager, BN folded", folded, False), ("fused", fused, False)]
+    runs = [("eager", base, False), ("eager, BN folded", folded, False), ("fused", fused, False),
+            ("frozen", frozen, False)]
     if compile:
-        runs += [("torch.compile", base, True), ("compile + fused", fused, True)]
+        runs += [("torch.compile", base, True), ("compile + fused", fused, True), ("compile + frozen", frozen, True)]
     if variants is not None:
         runs = [r for r in runs if r[0] in variants]
     for mode in [m for m, on in (("train", train), ("infer", infer)) if on]:
         for name, module, compiled in runs:
-            if module is None or (module is folded and mode == "train"):  # (folding is for inference)
+            if module is None or (module in (folded, frozen) and mode == "train"):  # (inference only)
                 continue
             net = copy.deepcopy(module).train(mode == "train")
             fn = torch.compile(net) if compiled else net

@@ -62,7 +62,9 @@ def run_phase(name: str, dev: str, quick: bool, out_dir: str) -> int:
         "linear max-autotune": lambda: bench_linear.run(dev, quick, out_dir, max_autotune="only"),
         # eager again beside the compiled variants: the phase's speed-ups then need no other phase
         "resnet compile": lambda: bench_resnet.run(dev, quick, out_dir, variants=("eager", "torch.compile",
-                                                                                  "compile + fused"), check=False),
+                                                                                  "compile + fused",
+                                                                                  "compile + frozen"),
+                                                  check=False),
         "compile": lambda: bench_compile.run(dev, quick, out_dir),
         "sweep gemm": lambda: sweep_gemm.run(dev, quick, out_dir),
         "profile": lambda: profile_ops.run(dev, quick, out_dir),

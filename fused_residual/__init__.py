@@ -19,6 +19,7 @@ for _name in ("add_relu", "add_relu_", "linear_add_relu", "dual_linear_add_relu"
 del _name
 
 from .integrations import ConversionReport, conversion_report, convert, revert
+from .integrations.freeze import FreezeReport, FrozenModel, freeze
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "ConversionReport",
+    "FreezeReport",
+    "FrozenModel",
     "add_relu",
     "add_relu_",
     "batch_norm_add_relu",
@@ -36,6 +39,7 @@ __all__ = [
     "convert",
     "dual_conv1x1_add_relu",
     "dual_linear_add_relu",
+    "freeze",
     "linear_add_relu",
     "revert",
     "set_compile_policy",

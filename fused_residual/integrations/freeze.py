@@ -1,0 +1,340 @@
+"""Frozen inference: ``freeze(model)`` folds every BatchNorm once and ends each block in a fused epilogue.
+
+:func:`convert` keeps a model trainable: in eval mode it refolds BN into the convolutions at every forward
+(about twice the weight bytes of extra traffic), so the weights follow optimizer steps and
+``load_state_dict``. Serving wants the other trade: fold once, store the folded weights, fuse every tail.
+``freeze`` returns a new module (the model passed in is left as it was) in which
+
+* every recognised torchvision / timm ``BasicBlock`` / ``Bottleneck`` is replaced by a frozen block whose
+  convolutions carry the folded weights and bias as buffers: conv + bias + ReLU (oneDNN / cuDNN
+  convolutions, the ReLU in place), and the tail as one ``conv1x1_add_relu`` / ``dual_conv1x1_add_relu``
+  (Bottleneck: conv3 and the projection in one GEMM; BasicBlock: the projection with the main path as its
+  residual) or ``add_relu_``;
+* every ``nn.Sequential`` holding a ``Conv2d`` followed by a ``BatchNorm2d`` (timm's deep stems, other
+  downsample forms) and the stem of torchvision / timm ``ResNet`` (``conv1`` + ``bn1``) are folded the
+  same way, the BN replaced by ``nn.Identity``.
+
+The result is inference-only: ``.train()`` and a forward in training mode raise. Under torch.compile and
+torch.export the frozen blocks, as the converted ones, emit their plain aten expression by default (see
+``fused_residual._compile``), so exported programs hold convolutions with folded weights and no BN.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import functional as fr
+from .._checks import SUPPORTED_DTYPES
+from ._common import Projection, add_relu_tail, fold_bn, is_gemm_conv, unhooked
+
+
+class FoldedConv(nn.Module):
+    """A convolution with a BatchNorm folded into it (weight and bias are buffers: nothing to train)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module | None):
+        super().__init__()
+        if bn is None:
+            weight = conv.weight.detach().clone()
+            bias = None if conv.bias is None else conv.bias.detach().clone()
+        else:
+            with torch.no_grad():
+                weight, bias = fold_bn(conv.weight, conv.bias, bn)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
+                                                                                device=weight.device))
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.folded_bn = bn is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return (f"{w.shape[1] * self.groups}, {w.shape[0]}, kernel_size={tuple(w.shape[2:])}, stride={self.stride}"
+                + (", BN folded" if self.folded_bn else ""))
+
+
+def _relu(act: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``: a plain ReLU in place (x is a fresh convolution output), anything else called."""
+    if act is None:
+        return x
+    if type(act) is nn.ReLU and unhooked(act):
+        return torch.relu_(x)
+    return act(x)
+
+
+class FrozenShortcut(nn.Module):
+    """A projection shortcut ``[pool,] conv, bn`` with its BN folded."""
+
+    def __init__(self, proj: Projection):
+        super().__init__()
+        self.pool = proj.pool
+        self.conv = FoldedConv(proj.conv, proj.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x) if self.pool is not None else x)
+
+
+class FrozenBlock(nn.Module):
+    """A residual block with every BN folded: ``relu(main(x) + shortcut(x))`` where ``main`` is two
+    (BasicBlock) or three (Bottleneck) folded convolutions, the last one's output fused with the shortcut
+    and the ReLU.
+
+    ``acts`` are the activations after the inner convolutions, ``aa`` timm's anti-aliasing after the
+    second-to-last activation (or None), ``se`` timm's squeeze-excitation after the last convolution (or
+    None), ``shortcut`` a :class:`FrozenShortcut`, another module (called) or None (identity)."""
+
+    def __init__(self, convs: list[FoldedConv], acts: list[nn.Module], aa: nn.Module | None,
+                 se: nn.Module | None, shortcut: nn.Module | None, kind: str):
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.acts = nn.ModuleList(acts)
+        self.aa, self.se, self.shortcut, self.kind = aa, se, shortcut, kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError(_FROZEN_TRAIN)
+        h = x
+        *inner, last = self.convs
+        for i, (conv, act) in enumerate(zip(inner, self.acts)):
+            h = _relu(act, conv(h))
+            if i == len(inner) - 1 and self.aa is not None:
+                h = self.aa(h)
+        if x.dtype not in SUPPORTED_DTYPES:  # float64: as the convolutions compute it, unfused
+            out = last(h)
+            if self.se is not None:
+                out = self.se(out)
+            return torch.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        if self.se is None and self._last_is_gemm():
+            sc = self.shortcut
+            if sc is None:  # identity: the input is conv3's residual
+                if self.kind == "bottleneck":
+                    return fr.conv1x1_add_relu(h, last.weight, x, last.bias)
+            elif isinstance(sc, FrozenShortcut) and self._shortcut_is_gemm():
+                stride = sc.conv.stride[0]
+                xs = sc.pool(x) if sc.pool is not None else x
+                if self.kind == "bottleneck":
+                    return fr.dual_conv1x1_add_relu(h, last.weight, xs, sc.conv.weight, last.bias + sc.conv.bias,
+                                                    shortcut_stride=stride)
+                return fr.conv1x1_add_relu(xs, sc.conv.weight, last(h), sc.conv.bias, stride=stride)
+        out = last(h)
+        if self.se is not None:
+            out = self.se(out)
+        return add_relu_tail(out, x if self.shortcut is None else self.shortcut(x))
+
+    def _last_is_gemm(self) -> bool:
+        last = self.convs[-1]
+        return (self.kind == "basic" or (tuple(last.weight.shape[2:]) == (1, 1) and last.stride == (1, 1)
+                                         and last.groups == 1 and last.padding in ((0, 0), "valid")
+                                         and last.dilation == (1, 1)))
+
+    def _shortcut_is_gemm(self) -> bool:
+        c = self.shortcut.conv
+        return (tuple(c.weight.shape[2:]) == (1, 1) and c.groups == 1 and c.padding in ((0, 0), "valid")
+                and c.dilation == (1, 1) and c.stride[0] == c.stride[1])
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(_FROZEN_TRAIN)
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+
+_FROZEN_TRAIN = ("fused_residual.freeze: this model is frozen for inference (its BatchNorm layers are folded "
+                 "into the convolutions); train the original model and freeze it again")
+
+
+@dataclass
+class FreezeReport:
+    blocks: list[tuple[str, str]] = field(default_factory=list)  # (module name, block kind)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (module name, kind, reason)
+    folded: list[str] = field(default_factory=list)  # conv + BN pairs folded outside the blocks
+
+    def __str__(self) -> str:
+        kinds: dict[str, int] = {}
+        for _, kind in self.blocks:
+            kinds[kind] = kinds.get(kind, 0) + 1
+        done = ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items())) or "none"
+        lines = [f"fused_residual.freeze: {len(self.blocks)} blocks frozen ({done}), {len(self.folded)} other "
+                 f"conv + BN pairs folded; {len(self.skipped)} blocks left as they are"]
+        lines += [f"  folded {name}" for name in self.folded]
+        lines += [f"  left {name} ({kind}): {why}" for name, kind, why in self.skipped]
+        return "\n".join(lines)
+
+
+class FrozenModel(nn.Module):
+    """What :func:`freeze` returns: the frozen copy (``.module``), inference only, and its report."""
+
+    def __init__(self, module: nn.Module, report: FreezeReport):
+        super().__init__()
+        self.module = module
+        self.report = report
+        super().train(False)
+        module.eval()
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            raise RuntimeError(_FROZEN_TRAIN)
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(_FROZEN_TRAIN)
+        return super().train(False)
+
+
+def _foldable_bn(bn: nn.Module) -> str | None:
+    """Why ``bn`` cannot be folded once, or None."""
+    if type(bn) is not nn.BatchNorm2d:
+        return f"{type(bn).__name__} is not nn.BatchNorm2d"
+    if bn.running_mean is None or bn.running_var is None:
+        return "a BatchNorm without running statistics normalises with batch statistics in eval too"
+    if not unhooked(bn):
+        return "a BatchNorm with hooks"
+    return None
+
+
+def _foldable_conv(conv: nn.Module) -> str | None:
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if not unhooked(conv):
+        return "a convolution with hooks"
+    return None
+
+
+def _block_parts(block: nn.Module, family: str):
+    """(kind, [(conv, bn, act)], aa, se, tail act, downsample) of a torchvision / timm block."""
+    bottleneck = hasattr(block, "conv3")
+    if family == "torchvision":
+        pairs = [(block.conv1, block.bn1, block.relu), (block.conv2, block.bn2, None)]
+        if bottleneck:
+            pairs = [pairs[0], (block.conv2, block.bn2, block.relu), (block.conv3, block.bn3, None)]
+        return ("bottleneck" if bottleneck else "basic"), pairs, None, None, block.relu, block.downsample
+    if bottleneck:
+        pairs = [(block.conv1, block.bn1, block.act1), (block.conv2, block.bn2, block.act2),
+                 (block.conv3, block.bn3, None)]
+        tail = block.act3
+    else:
+        pairs = [(block.conv1, block.bn1, block.act1), (block.conv2, block.bn2, None)]
+        tail = block.act2
+    return ("bottleneck" if bottleneck else "basic"), pairs, block.aa, block.se, tail, block.downsample
+
+
+def _passes_in_eval(m: nn.Module | None) -> bool:
+    """timm's drop_block / drop_path: identities in eval mode (absent, Identity, DropBlock2d, DropPath)."""
+    return m is None or (unhooked(m) and type(m).__name__ in ("Identity", "DropBlock2d", "DropPath"))
+
+
+def _freeze_block(block: nn.Module, family: str) -> tuple[nn.Module | None, str | None]:
+    """(frozen block, None) or (None, why not)."""
+    kind, pairs, aa, se, tail, downsample = _block_parts(block, family)
+    if not unhooked(block):
+        return None, "the block has hooks"
+    if type(tail) is not nn.ReLU or not unhooked(tail):
+        return None, f"tail activation is {type(tail).__name__}{' with hooks' if type(tail) is nn.ReLU else ''}"
+    if family == "timm" and not (_passes_in_eval(getattr(block, "drop_block", None))
+                                 and _passes_in_eval(getattr(block, "drop_path", None))):
+        return None, "drop_block / drop_path of an unknown kind"
+    for conv, bn, _ in pairs:
+        why = _foldable_conv(conv) or _foldable_bn(bn)
+        if why:
+            return None, why
+    shortcut = None
+    if downsample is not None:
+        proj = Projection.parse(downsample)
+        if proj is not None and is_gemm_conv(proj.conv) and not _foldable_bn(proj.bn) and unhooked(proj.conv):
+            shortcut = FrozenShortcut(proj)
+        else:
+            shortcut = downsample  # called as it is (its own conv + BN pairs are folded by _fold_sequentials)
+    acts = [act for _, _, act in pairs[:-1]]
+    convs = [FoldedConv(conv, bn) for conv, bn, _ in pairs]
+    aa = aa if aa is not None and not (type(aa) is nn.Identity and unhooked(aa)) else None
+    return FrozenBlock(convs, acts, aa, se, shortcut, kind), None
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _fold_sequentials(root: nn.Module, report: FreezeReport) -> None:
+    """Conv2d followed by BatchNorm2d inside any nn.Sequential (exact class: its forward is positional)."""
+    for name, seq in list(root.named_modules()):
+        if type(seq) is not nn.Sequential or not unhooked(seq):
+            continue
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if type(conv) is nn.Conv2d and not _foldable_conv(conv) and not _foldable_bn(bn):
+                seq._modules[a] = FoldedConv(conv, bn)
+                seq._modules[b] = nn.Identity()
+                report.folded.append(f"{name}.{a} + {name}.{b}" if name else f"{a} + {b}")
+
+
+def _fold_stem(root: nn.Module, report: FreezeReport) -> None:
+    """torchvision's and timm's ResNet stems: ``conv1`` then ``bn1`` in their forward."""
+    families = []
+    try:
+        from torchvision.models.resnet import ResNet as TvResNet
+        families.append(TvResNet)
+    except ImportError:  # pragma: no cover - torchvision is a dependency of the integrations
+        pass
+    try:
+        from timm.models.resnet import ResNet as TimmResNet
+        families.append(TimmResNet)
+    except ImportError:
+        pass
+    for name, m in list(root.named_modules()):
+        if type(m) not in families or _foldable_bn(m.bn1):
+            continue
+        prefix = f"{name}." if name else ""
+        stem = m.conv1
+        if type(stem) is nn.Conv2d and not _foldable_conv(stem):
+            m.conv1 = FoldedConv(stem, m.bn1)
+            conv_name = "conv1"
+        elif type(stem) is nn.Sequential and unhooked(stem) and len(stem) and not _foldable_conv(stem[-1]):
+            key = list(stem._modules)[-1]  # timm's deep stems: conv, bn, act, conv, bn, act, conv
+            stem._modules[key] = FoldedConv(stem[-1], m.bn1)
+            conv_name = f"conv1.{key}"
+        else:
+            continue
+        m.bn1 = nn.Identity()
+        report.folded.append(f"{prefix}{conv_name} + {prefix}bn1")
+
+
+def freeze(model: nn.Module) -> FrozenModel:
+    """An inference-only copy of ``model`` with every BatchNorm folded once and every recognised residual
+    block ending in a fused epilogue (see the module docs). ``model`` itself is left unchanged; converted
+    blocks (:func:`convert`) are frozen as their original classes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"freeze: expected an nn.Module, got {type(model).__name__}")
+    from . import _families, revert
+
+    frozen = revert(copy.deepcopy(model)).eval()
+    report = FreezeReport()
+    blocks = _families()
+    for name, m in list(frozen.named_modules()):
+        entry = blocks.get(type(m))
+        if entry is None:
+            continue
+        kind = entry[2]
+        family = kind.split(".")[0]
+        new, why = _freeze_block(m, family)
+        if new is None:
+            report.skipped.append((name, kind, why))
+        else:
+            _set(frozen, name, new)
+            report.blocks.append((name, kind))
+    _fold_stem(frozen, report)
+    _fold_sequentials(frozen, report)
+    with torch.no_grad():
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+    return FrozenModel(frozen, report)

@@ -1,0 +1,170 @@
+"""fused_residual.freeze: BN folded once, fused block epilogues, inference only, export and compile."""
+
+import copy
+import os
+import tempfile
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import fused_residual as fr
+from helpers import assert_close_to_ref
+from test_integrations import randomize_bn
+
+MODELS = {
+    "tv-resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "tv-resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+    "tv-resnext50": lambda: torchvision.models.resnext50_32x4d(num_classes=10),
+    "timm-resnet26d": lambda: timm.create_model("resnet26d", num_classes=10),
+    "timm-seresnet50": lambda: timm.create_model("seresnet50", num_classes=10),
+}
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_frozen_model_matches_and_holds_no_batch_norm(name):
+    """Every BN folded (none left), every block frozen, outputs within 1e-4 of the model's; the model
+    passed in keeps its modules, state_dict and outputs."""
+    model = randomize_bn(MODELS[name]()).eval()
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    frozen = fr.freeze(model)
+    assert not [n for n, m in frozen.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(frozen.report.blocks) == (8 if name in ("tv-resnet18", "timm-resnet26d") else 16)
+    assert not frozen.report.skipped
+    with torch.no_grad():
+        out = frozen(x)
+        assert torch.equal(model(x), before)
+    assert _rel(out, before) < 1e-4
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_block_tails_run_the_fused_gemm_epilogues(monkeypatch):
+    """ResNet-50: the 4 projection blocks end in dual_conv1x1_add_relu, the 12 identity blocks in
+    conv1x1_add_relu; ResNet-18: the 3 projections in conv1x1_add_relu (main path as the residual), the 5
+    identity tails in add_relu_."""
+    from fused_residual import functional
+
+    calls = []
+    for op in ("conv1x1_add_relu", "dual_conv1x1_add_relu", "add_relu_"):
+        real = getattr(functional, op)
+        monkeypatch.setattr(functional, op, lambda *a, real=real, op=op, **k: calls.append(op) or real(*a, **k))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        fr.freeze(torchvision.models.resnet50(num_classes=10))(x)
+    assert sorted(calls) == ["conv1x1_add_relu"] * 12 + ["dual_conv1x1_add_relu"] * 4
+    calls.clear()
+    with torch.no_grad():
+        fr.freeze(torchvision.models.resnet18(num_classes=10))(x)
+    assert sorted(calls) == ["add_relu_"] * 5 + ["conv1x1_add_relu"] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_dtypes_layouts_batch_sizes_and_inference_mode(dtype, fmt):
+    """The frozen model cast with .to(dtype) / .to(memory_format=...) like any module: any batch size,
+    under no_grad and inference_mode, within the accuracy bound of float64 (against the unfrozen model in
+    that dtype)."""
+    model = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    frozen = fr.freeze(model).to(dtype=dtype, memory_format=mf)
+    eager = copy.deepcopy(model).to(dtype=dtype, memory_format=mf)
+    ref64 = copy.deepcopy(model).double()
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 48, 48)
+        xd = x.to(dtype).contiguous(memory_format=mf)
+        with torch.inference_mode():
+            out = frozen(xd)
+        with torch.no_grad():
+            assert torch.equal(frozen(xd), out)
+            assert_close_to_ref(out, eager(xd), ref64(x.double()), f"batch {batch}")
+        assert out.dtype == dtype
+
+
+def test_frozen_model_refuses_training():
+    frozen = fr.freeze(torchvision.models.resnet18(num_classes=10))
+    with pytest.raises(RuntimeError, match="frozen for inference"):
+        frozen.train()
+    with pytest.raises(RuntimeError, match="frozen for inference"):
+        frozen.module.train()  # the blocks refuse too
+    frozen.training = True  # set behind train()'s back: the forward still refuses
+    with pytest.raises(RuntimeError, match="frozen for inference"):
+        frozen(torch.randn(1, 3, 32, 32))
+    frozen.training = False
+    assert frozen.eval() is frozen and not frozen.training
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_converted_models_freeze_and_stay_converted():
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    converted = fr.convert(copy.deepcopy(model))
+    frozen = fr.freeze(converted)
+    assert fr.conversion_report(converted).counts() == {"torchvision.BasicBlock": 8}
+    assert len(frozen.report.blocks) == 8
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _rel(frozen(x), model(x)) < 1e-4
+
+
+def test_blocks_that_cannot_freeze_are_left_as_they_are_with_the_reason():
+    """A hooked block and one whose BN keeps no running statistics (it normalises with batch statistics in
+    eval too) are kept, unfolded, and the report names them; the rest freezes."""
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    model.layer1[0].register_forward_hook(lambda m, i, o: o * 0.5)
+    bn = model.layer2[1].bn1
+    bn.track_running_stats, bn.running_mean, bn.running_var, bn.num_batches_tracked = False, None, None, None
+    frozen = fr.freeze(model)
+    assert [(n, why) for n, _, why in frozen.report.skipped] == [
+        ("layer1.0", "the block has hooks"),
+        ("layer2.1", "a BatchNorm without running statistics normalises with batch statistics in eval too")]
+    assert len(frozen.report.blocks) == 6
+    assert "2 blocks left as they are" in str(frozen.report)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _rel(frozen(x), model(x)) < 1e-4
+
+
+def test_float64_frozen_model_runs_unfused():
+    model = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(fr.freeze(model)(x), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize("policy", ["inductor", "kernels"])
+def test_export_save_load_and_compile(policy):
+    """torch.export of the frozen model: no BatchNorm in the program (the default policy exports the aten
+    convolutions + add + ReLU; "kernels" keeps the fused ops), the same results after export.save / load;
+    torch.compile(fullgraph=True) too."""
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    frozen = fr.freeze(model)
+    x = torch.randn(2, 3, 64, 64)
+    fr.set_compile_policy(policy)
+    try:
+        program = torch.export.export(frozen, (x,))
+    finally:
+        fr.set_compile_policy("inductor")
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "batch_norm" in t]
+    assert any("fused_residual" in t for t in targets) == (policy == "kernels")
+    with torch.no_grad():
+        expected = frozen(x)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "frozen.pt2")
+        torch.export.save(program, path)
+        loaded = torch.export.load(path)
+    with torch.no_grad():
+        assert _rel(loaded.module()(x), expected) < 1e-5
+    torch._dynamo.reset()
+    compiled = torch.compile(frozen, fullgraph=True)
+    with torch.no_grad():
+        assert _rel(compiled(x), expected) < 1e-5
