@@ -27,38 +27,42 @@ def why_not(block: nn.Module, now: bool = True) -> str | None:
     return tail_why_not(_tail_act(block), "tail activation", now=now, block=block)
 
 
+def _conv_bn_drop_block_act(block, x, conv, bn, act):
+    """``act(drop_block(bn(conv(x))))``: BN + ReLU fused where drop_block passes through."""
+    if passes_through(block.drop_block):
+        return conv_bn_relu(x, conv, bn, act)
+    return act(block.drop_block(conv_bn(x, conv, bn)))
+
+
+def _se_drop_path(block, x):
+    """The parts between a block's last BN and its shortcut add: squeeze-excitation, drop-path."""
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    return x
+
+
+def _tail_fusable(block) -> bool:
+    """Nothing sits between the last BN and the shortcut add at this call."""
+    return block.se is None and passes_through(block.drop_path)
+
+
 def basic_forward(self, x):
     shortcut_in = x
-    if passes_through(self.drop_block):
-        x = conv_bn_relu(x, self.conv1, self.bn1, self.act1)
-    else:
-        x = self.act1(self.drop_block(conv_bn(x, self.conv1, self.bn1)))
-    x = self.aa(x)
-    if self.se is None and passes_through(self.drop_path):
+    x = self.aa(_conv_bn_drop_block_act(self, x, self.conv1, self.bn1, self.act1))
+    if _tail_fusable(self):
         return conv_bn_tail(x, shortcut_in, self.conv2, self.bn2, self.downsample)
-    x = conv_bn(x, self.conv2, self.bn2)
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    return basic_tail(x, shortcut_in, self.downsample)
+    return basic_tail(_se_drop_path(self, conv_bn(x, self.conv2, self.bn2)), shortcut_in, self.downsample)
 
 
 def bottleneck_forward(self, x):
     shortcut_in = x
     x = conv_bn_relu(x, self.conv1, self.bn1, self.act1)
-    if passes_through(self.drop_block):
-        x = conv_bn_relu(x, self.conv2, self.bn2, self.act2)
-    else:
-        x = self.act2(self.drop_block(conv_bn(x, self.conv2, self.bn2)))
-    x = self.aa(x)
-    if self.se is None and passes_through(self.drop_path):
+    x = self.aa(_conv_bn_drop_block_act(self, x, self.conv2, self.bn2, self.act2))
+    if _tail_fusable(self):
         return bottleneck_tail(x, shortcut_in, self.conv3, self.bn3, self.downsample)
-    x = conv_bn(x, self.conv3, self.bn3)
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
+    x = _se_drop_path(self, conv_bn(x, self.conv3, self.bn3))
     return add_relu_tail(x, shortcut(self.downsample, shortcut_in))
 
 
