@@ -168,3 +168,22 @@ def test_export_save_load_and_compile(policy):
     compiled = torch.compile(frozen, fullgraph=True)
     with torch.no_grad():
         assert _rel(compiled(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["tv-resnet50", "timm-resnet26d", "timm-seresnet50"])
+def test_torchscript(name):
+    """torch.jit.script of a frozen model: TorchScript compiles the blocks' unfused expression (aten
+    convolutions with the folded weights, add, ReLU); the same results as the frozen model's eager forward,
+    and the scripted model refuses training as the eager one does."""
+    import warnings
+
+    frozen = fr.freeze(randomize_bn(MODELS[name]()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
+        scripted = torch.jit.script(frozen)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _rel(scripted(x), frozen(x)) < 1e-5
+    scripted.training = True
+    with pytest.raises(Exception, match="frozen for inference"):
+        scripted(x)

@@ -59,15 +59,6 @@ class FoldedConv(nn.Module):
                 + (", BN folded" if self.folded_bn else ""))
 
 
-def _relu(act: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)``: a plain ReLU in place (x is a fresh convolution output), anything else called."""
-    if act is None:
-        return x
-    if type(act) is nn.ReLU and unhooked(act):
-        return torch.relu_(x)
-    return act(x)
-
-
 class FrozenShortcut(nn.Module):
     """A projection shortcut ``[pool,] conv, bn`` with its BN folded."""
 
@@ -81,62 +72,74 @@ class FrozenShortcut(nn.Module):
 
 
 class FrozenBlock(nn.Module):
-    """A residual block with every BN folded: ``relu(main(x) + shortcut(x))`` where ``main`` is two
-    (BasicBlock) or three (Bottleneck) folded convolutions, the last one's output fused with the shortcut
-    and the ReLU.
+    """A residual block with every BN folded: ``relu(main(x) + shortcut(x))``, ``main`` being two
+    (BasicBlock: ``conv1``, ``act1``, ``conv2``) or three (Bottleneck: ``conv1``, ``act1``, ``conv2``,
+    ``act2``, ``conv3``) folded convolutions; the last one's output is fused with the shortcut and the ReLU.
 
-    ``acts`` are the activations after the inner convolutions, ``aa`` timm's anti-aliasing after the
-    second-to-last activation (or None), ``se`` timm's squeeze-excitation after the last convolution (or
-    None), ``shortcut`` a :class:`FrozenShortcut`, another module (called) or None (identity)."""
+    ``aa`` is timm's anti-aliasing after the last inner activation, ``se`` timm's squeeze-excitation after
+    the last convolution, ``shortcut`` a :class:`FrozenShortcut`, another module (called) or None (the
+    identity). Under TorchScript the block computes the same expression unfused (aten convolutions, add,
+    ReLU): the fused functions are Python."""
 
     def __init__(self, convs: list[FoldedConv], acts: list[nn.Module], aa: nn.Module | None,
                  se: nn.Module | None, shortcut: nn.Module | None, kind: str):
         super().__init__()
-        self.convs = nn.ModuleList(convs)
-        self.acts = nn.ModuleList(acts)
-        self.aa, self.se, self.shortcut, self.kind = aa, se, shortcut, kind
+        self.kind = kind
+        self.conv1, self.act1, self.conv2 = convs[0], acts[0], convs[1]
+        self.act2 = acts[1] if kind == "bottleneck" else None
+        self.conv3 = convs[2] if kind == "bottleneck" else None
+        self.aa, self.se, self.shortcut = aa, se, shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            raise RuntimeError(_FROZEN_TRAIN)
-        h = x
-        *inner, last = self.convs
-        for i, (conv, act) in enumerate(zip(inner, self.acts)):
-            h = _relu(act, conv(h))
-            if i == len(inner) - 1 and self.aa is not None:
-                h = self.aa(h)
+            raise RuntimeError("fused_residual.freeze: this model is frozen for inference")
+        if torch.jit.is_scripting():
+            return self._unfused(x)
+        return self._fused(x)
+
+    def _inner(self, x: torch.Tensor) -> torch.Tensor:
+        """The main path up to the last convolution's input."""
+        h = self.act1(self.conv1(x))
+        if self.conv3 is not None and self.act2 is not None:
+            h = self.act2(self.conv2(h))
+        if self.aa is not None:
+            h = self.aa(h)
+        return h
+
+    def _last(self, h: torch.Tensor) -> torch.Tensor:
+        if self.conv3 is not None:
+            return self.conv3(h)
+        return self.conv2(h)
+
+    def _unfused(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._last(self._inner(x))
+        if self.se is not None:
+            out = self.se(out)
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return torch.relu(out + skip)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in SUPPORTED_DTYPES:  # float64: as the convolutions compute it, unfused
-            out = last(h)
-            if self.se is not None:
-                out = self.se(out)
-            return torch.relu(out + (x if self.shortcut is None else self.shortcut(x)))
-        if self.se is None and self._last_is_gemm():
-            sc = self.shortcut
-            if sc is None:  # identity: the input is conv3's residual
-                if self.kind == "bottleneck":
-                    return fr.conv1x1_add_relu(h, last.weight, x, last.bias)
-            elif isinstance(sc, FrozenShortcut) and self._shortcut_is_gemm():
+            return self._unfused(x)
+        h = self._inner(x)
+        last = self.conv3 if self.conv3 is not None else self.conv2
+        sc = self.shortcut
+        if self.se is None:
+            if sc is None and self.kind == "bottleneck" and _is_gemm(last, stride_one=True):
+                return fr.conv1x1_add_relu(h, last.weight, x, last.bias)  # identity: the input is the residual
+            if isinstance(sc, FrozenShortcut) and _is_gemm(sc.conv):
                 stride = sc.conv.stride[0]
                 xs = sc.pool(x) if sc.pool is not None else x
-                if self.kind == "bottleneck":
+                if self.kind == "bottleneck" and _is_gemm(last, stride_one=True):
                     return fr.dual_conv1x1_add_relu(h, last.weight, xs, sc.conv.weight, last.bias + sc.conv.bias,
                                                     shortcut_stride=stride)
-                return fr.conv1x1_add_relu(xs, sc.conv.weight, last(h), sc.conv.bias, stride=stride)
+                if self.kind == "basic":  # the projection's GEMM takes the main path as its residual
+                    return fr.conv1x1_add_relu(xs, sc.conv.weight, last(h), sc.conv.bias, stride=stride)
         out = last(h)
         if self.se is not None:
             out = self.se(out)
-        return add_relu_tail(out, x if self.shortcut is None else self.shortcut(x))
-
-    def _last_is_gemm(self) -> bool:
-        last = self.convs[-1]
-        return (self.kind == "basic" or (tuple(last.weight.shape[2:]) == (1, 1) and last.stride == (1, 1)
-                                         and last.groups == 1 and last.padding in ((0, 0), "valid")
-                                         and last.dilation == (1, 1)))
-
-    def _shortcut_is_gemm(self) -> bool:
-        c = self.shortcut.conv
-        return (tuple(c.weight.shape[2:]) == (1, 1) and c.groups == 1 and c.padding in ((0, 0), "valid")
-                and c.dilation == (1, 1) and c.stride[0] == c.stride[1])
+        return add_relu_tail(out, x if sc is None else sc(x))
 
     def train(self, mode: bool = True):
         if mode:
@@ -145,6 +148,13 @@ class FrozenBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
+
+
+def _is_gemm(conv: FoldedConv, stride_one: bool = False) -> bool:
+    """A 1x1 convolution without padding, dilation or groups, at a square stride (1 if ``stride_one``)."""
+    return (tuple(conv.weight.shape[2:]) == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
+            and conv.dilation == (1, 1) and conv.stride[0] == conv.stride[1]
+            and (not stride_one or conv.stride == (1, 1)))
 
 
 _FROZEN_TRAIN = ("fused_residual.freeze: this model is frozen for inference (its BatchNorm layers are folded "
@@ -179,10 +189,10 @@ class FrozenModel(nn.Module):
         super().train(False)
         module.eval()
 
-    def forward(self, *args, **kwargs):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            raise RuntimeError(_FROZEN_TRAIN)
-        return self.module(*args, **kwargs)
+            raise RuntimeError("fused_residual.freeze: this model is frozen for inference")
+        return self.module(x)
 
     def train(self, mode: bool = True):
         if mode:
@@ -253,7 +263,8 @@ def _freeze_block(block: nn.Module, family: str) -> tuple[nn.Module | None, str 
             shortcut = FrozenShortcut(proj)
         else:
             shortcut = downsample  # called as it is (its own conv + BN pairs are folded by _fold_sequentials)
-    acts = [act for _, _, act in pairs[:-1]]
+    # the inner activations act on fresh convolution outputs: a plain ReLU runs in place
+    acts = [nn.ReLU(inplace=True) if type(act) is nn.ReLU and unhooked(act) else act for _, _, act in pairs[:-1]]
     convs = [FoldedConv(conv, bn) for conv, bn, _ in pairs]
     aa = aa if aa is not None and not (type(aa) is nn.Identity and unhooked(aa)) else None
     return FrozenBlock(convs, acts, aa, se, shortcut, kind), None
