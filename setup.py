@@ -95,6 +95,7 @@ setup(
     extras_require={
         "test": ["pytest", "torchvision", "timm", "hypothesis"],
         "bench": ["matplotlib"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["fused-residual = fused_residual.cli:main"]},
 )

@@ -11,7 +11,8 @@ model: a converted model compiles to what the original compiles to.
 ``FUSED_RESIDUAL_COMPILE=kernels`` (read at import) or :func:`set_compile_policy("kernels")` keeps the
 custom ops in traced graphs instead (our kernels run as extern calls), for shapes where they beat
 Inductor's code. The policy is read at trace time: set it before compiling (a compiled graph keeps what it
-was traced with; ``torch._dynamo.reset()`` retraces).
+was traced with; ``torch._dynamo.reset()`` retraces). ``torch.onnx.export`` always gets the aten
+expressions: ONNX has standard operators for them, none for ours.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def compile_policy() -> str:
 
 
 def plain_under_compile() -> bool:
-    """True while torch.compile / torch.export traces and the policy is ``"inductor"``: emit the aten
-    expression, not the custom op."""
-    return _policy == "inductor" and torch.compiler.is_compiling()
+    """True while torch.compile / torch.export traces and the policy is ``"inductor"``, or while
+    ``torch.onnx.export`` traces whatever the policy (ONNX has no operators for ours; their aten expressions
+    translate to standard ones): emit the aten expression, not the custom op."""
+    return torch.compiler.is_compiling() and (_policy == "inductor" or torch.onnx.is_in_onnx_export())
