@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._checks import SUPPORTED_DTYPES
 from .functional import SAVE_MODES, add_relu, dual_linear_add_relu, linear_add_relu
 
 for _name in ("add_relu", "dual_linear_add_relu", "linear_add_relu"):  # FX: one call node each (functional.py)
@@ -23,6 +24,14 @@ class AddReLU(nn.Module):
         self.save = save
 
     def forward(self, z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript: the eager expression (the fused function is Python)
+            return torch.relu(z + skip)
+        if isinstance(z, torch.Tensor) and z.dtype not in SUPPORTED_DTYPES:  # float64: as eager (FX: a proxy)
+            return torch.relu(z + skip)
+        return self._fused(z, skip)
+
+    @torch.jit.unused
+    def _fused(self, z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return add_relu(z, skip, save=self.save)
 
     def extra_repr(self) -> str:
@@ -52,6 +61,14 @@ class ResidualBlock(nn.Module):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.fc1(a))
+        if torch.jit.is_scripting():  # TorchScript: the eager expression (the fused functions are Python)
+            return F.relu(self.fc2(h) + self.shortcut(a))
+        if isinstance(a, torch.Tensor) and a.dtype not in SUPPORTED_DTYPES:  # float64: as eager (FX: a proxy)
+            return F.relu(self.fc2(h) + self.shortcut(a))
+        return self._tail(h, a)
+
+    @torch.jit.unused
+    def _tail(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         if isinstance(self.shortcut, nn.Identity):
             return linear_add_relu(h, self.fc2.weight, a, self.fc2.bias)
         return dual_linear_add_relu(h, self.fc2.weight, a, self.shortcut.weight, self.fc2.bias)

@@ -738,3 +738,29 @@ def test_ddp_two_processes_gloo_gives_the_same_gradients():
     assert ref.keys() == fused.keys()
     for n in ref:
         assert _rel(fused[n], ref[n]) < 1e-4, n
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_torchscript_of_converted_models_and_modules(family, mode):
+    """torch.jit.script works on converted ResNets (TorchScript compiles each block's original forward: the
+    fused one is Python) and on fused_residual.nn modules (their eager expression), with the eager results."""
+    import warnings
+
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10) if family == "torchvision"
+                         else timm.create_model("resnet18", num_classes=10)).train(mode == "train")
+    fused = fr.convert(copy.deepcopy(model))
+    modules = [(fused, torch.randn(2, 3, 32, 32)), (fr.nn.ResidualBlock(16, 24), torch.randn(5, 16)),
+               (fr.nn.ResidualBlock(16), torch.randn(5, 16))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
+        scripted = [(torch.jit.script(copy.deepcopy(m)), m, x) for m, x in modules]
+        add = torch.jit.script(fr.nn.AddReLU())
+    for s, m, x in scripted:
+        with torch.no_grad():
+            ref = copy.deepcopy(model)(x) if m is fused else m(x)
+            out = s(x)
+        assert_close_to_ref(out, ref, (copy.deepcopy(model).double()(x.double()) if m is fused
+                                       else copy.deepcopy(m).double()(x.double())).detach(), type(m).__name__)
+    z, skip = torch.randn(4, 8), torch.randn(4, 8)
+    assert_bitwise_equal(add(z, skip), torch.relu(z + skip), "AddReLU scripted")
