@@ -18,7 +18,9 @@ machine is what CI asserts.
   tail) within the same bound: the output, the input gradient, every parameter's gradient and the BN
   running statistics. In float32 the inputs are drawn so that no ReLU input lies within rounding of the
   kink (``testing.relu_margin``); in float16 / bfloat16, where gates flip with rounding for a fraction of
-  the elements in eager as in ours, gradients are compared in the L2 norm.
+  the elements in eager as in ours, gradients are compared in the L2 norm, no closer than the 25% relative
+  error eager itself reaches (``testing.accuracy_l2``): a loose check there, the float32 one is the tight
+  one.
 """
 
 from __future__ import annotations
@@ -357,7 +359,8 @@ def check_resnet_block(dtype: torch.dtype, device: str, backend: str | None, tra
         for what, actual, eager_value, ref in triples:
             # half-precision gradients: in the L2 norm (ReLU gates flip with rounding, eager's as ours)
             l2 = "grad" in what and dtype != torch.float32
-            acc = (accuracy_l2 if l2 else accuracy)(actual, eager_value, ref)
+            # eager's own relative L2 error reached 13% (float16) and 24% (bfloat16) over 40 draws
+            acc = accuracy_l2(actual, eager_value, ref, floor=0.25) if l2 else accuracy(actual, eager_value, ref)
             checks.append(Check(op, dname, lay, _shape(actual.shape), what + (" (L2)" if l2 else ""), acc.error,
                                 acc.eager_error, acc.ok))
         return checks
