@@ -187,3 +187,33 @@ def test_torchscript(name):
     scripted.training = True
     with pytest.raises(Exception, match="frozen for inference"):
         scripted(x)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (torch's CPU build has it)")
+def test_cpu_float32_convolutions_run_on_onednn_with_packed_weights_that_follow_edits():
+    """On CPU in float32 a folded convolution runs as oneDNN with its weights packed once per input shape
+    (and the ReLU as its post-op): the same result as F.conv2d with the folded weights, and a weight changed
+    afterwards (in place, or by load_state_dict) is packed again, never served stale."""
+    import torch.nn.functional as F
+    from fused_residual.integrations.freeze import FoldedConv
+
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    frozen = fr.freeze(model)
+    conv = frozen.module.layer1[0].conv1
+    assert isinstance(conv, FoldedConv)
+    x = torch.randn(2, 64, 16, 16)
+
+    def plain(inp):
+        return F.conv2d(inp, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(conv.conv_relu(x), torch.relu(plain(x)), rtol=1e-6, atol=1e-5)
+        assert len(conv._packed) == 1
+        conv.weight.mul_(-2.0)  # an in-place edit
+        torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-5)
+        state = {k: v * 0.5 if k.endswith("weight") else v for k, v in frozen.state_dict().items()}
+        frozen.load_state_dict(state)
+        torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-5)
+        out = frozen(torch.randn(2, 3, 64, 64))
+    assert torch.isfinite(out).all()
