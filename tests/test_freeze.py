@@ -217,3 +217,13 @@ def test_cpu_float32_convolutions_run_on_onednn_with_packed_weights_that_follow_
         torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-5)
         out = frozen(torch.randn(2, 3, 64, 64))
     assert torch.isfinite(out).all()
+    # the cache holds oneDNN-opaque tensors: copies and pickles start without it
+    import pickle
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = frozen(x)
+        for clone in (copy.deepcopy(frozen), pickle.loads(pickle.dumps(frozen))):
+            assert torch.equal(clone(x), expected)
+    frozen.to(torch.float64)  # new weights: the packed ones go
+    assert conv._packed == {}

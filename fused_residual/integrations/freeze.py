@@ -75,6 +75,15 @@ class FoldedConv(nn.Module):
             return self._onednn_conv(x, "relu")
         return torch.relu_(self._eager(x))
 
+    def __getstate__(self):  # deepcopy / pickle: the packed weights are oneDNN-opaque, and a cache
+        state = self.__dict__.copy()
+        state["_packed"] = {}
+        return state
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / ...: new weights, new packing
+        self._packed = {}
+        return super()._apply(fn, *args, **kwargs)
+
     def _onednn(self, x):
         """oneDNN with weights packed once for the input's shape: a plain float32 CPU tensor in plain eager
         mode (compiled and exported code keeps aten convolutions), string padding excepted."""
