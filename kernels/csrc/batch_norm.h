@@ -285,6 +285,36 @@ inline uint32_t low_bits(const fVec& r, int64_t cnt) {
   return cnt < 8 ? v & ((1u << cnt) - 1u) : v;
 }
 
+// apply_t for rows of whole vectors (inner == 1, C a multiple of the vector width): row by row, no
+// segment bookkeeping, the shortcut and the mask chosen at compile time, each vector's 8 gate bits one
+// whole mask byte (rows start at multiples of 8 elements, so no byte is shared by two threads).
+template <typename T, bool kSkip, bool kMask>
+void apply_rows_t(const T* x, const T* skip, const float* pm, const float* psc, const float* psh, T* out,
+                  uint8_t* mask, int64_t rows, int64_t C) {
+  using P = Pack<T>;
+  constexpr int64_t S = P::size();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
+    fVec xv[P::kVecs], sv[P::kVecs], r[P::kVecs];
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t base = row * C;
+      for (int64_t c = 0; c < C; c += S) {
+        const int64_t i = base + c;
+        P::load(x + i, S, xv);
+        if (kSkip) P::load(skip + i, S, sv);
+        for (int k = 0; k < P::kVecs; ++k) {
+          fVec y = (xv[k] - fVec::loadu(pm + c + 8 * k)) * fVec::loadu(psc + c + 8 * k) + fVec::loadu(psh + c + 8 * k);
+          if (kSkip) y = y + sv[k];
+          r[k] = relu_vec(y);
+        }
+        store_rounded(out + i, S, r);
+        if (kMask) {
+          for (int k = 0; k < P::kVecs; ++k) mask[(i >> 3) + k] = keep_bits(r[k]);
+        }
+      }
+    }
+  });
+}
+
 // out = relu(((x - mean) * scale + shift) + skip), rounded once; mask = gate of the stored out.
 template <typename T>
 void apply_t(const T* x, const T* skip, const float* mean, const float* scale, const float* shift, T* out,
@@ -295,6 +325,15 @@ void apply_t(const T* x, const T* skip, const float* mean, const float* scale, c
     pm = padded(mean, C);
     psc = padded(scale, C);
     psh = padded(shift, C);
+    if (C % P::size() == 0) {
+      const int64_t rows = n / C;
+      const float *m = pm.data(), *sc = psc.data(), *sh = psh.data();
+      if (skip && mask) apply_rows_t<T, true, true>(x, skip, m, sc, sh, out, mask, rows, C);
+      else if (skip) apply_rows_t<T, true, false>(x, skip, m, sc, sh, out, mask, rows, C);
+      else if (mask) apply_rows_t<T, false, true>(x, skip, m, sc, sh, out, mask, rows, C);
+      else apply_rows_t<T, false, false>(x, skip, m, sc, sh, out, mask, rows, C);
+      return;
+    }
   }
   parallel_chunks(n, [&](int64_t i0, int64_t i1) {
     fVec xv[P::kVecs], sv[P::kVecs], r[P::kVecs];
