@@ -552,8 +552,9 @@ def test_half_model_with_float32_batchnorm_in_eval():
 
 @pytest.mark.parametrize("family", ["torchvision", "timm"])
 def test_fx_feature_extraction_of_converted_model(family):
-    """torchvision's create_feature_extractor (FX symbolic tracing) works on converted models, with the
-    fused tails as graph nodes: eval close to the unconverted model, train bit-identical."""
+    """torchvision's create_feature_extractor (FX symbolic tracing) works on converted models: each
+    converted block is one graph node that runs the block, so the features are the converted model's own
+    (close to the unconverted model's), in eval and in train."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
     make = (lambda: torchvision.models.resnet50(num_classes=10)) if family == "torchvision" else \
@@ -561,35 +562,41 @@ def test_fx_feature_extraction_of_converted_model(family):
     model, fused = _hooked_pair(make, False)
     nodes = {"layer2": "mid", "layer4": "last"}
     fe_ref, fe = create_feature_extractor(model, nodes), create_feature_extractor(fused, nodes)
-    targets = {getattr(n.target, "__name__", "") for n in fe.graph.nodes if n.op == "call_function"}
-    assert "add_relu_tail" in targets
+    blocks = [n.target for n in fe.graph.nodes if n.op == "call_module" and n.target.startswith("layer")]
+    assert blocks[:2] == ["layer1.0", "layer1.1"], blocks
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref, out = fe_ref(x), fe(x)
-    assert all(_rel(out[k], ref[k]) < 1e-4 for k in ("mid", "last"))
-    fe_ref.train(), fe.train()
-    ref, out = fe_ref(x), fe(x)
-    for k in ("mid", "last"):
-        assert_bitwise_equal(out[k], ref[k], f"train {k}")
+    for train in (False, True):
+        fe_ref.train(train), fe.train(train)
+        with torch.no_grad():
+            ref, out = fe_ref(x), fe(x)
+        # (in training layer 4's BN sees 8 values per channel here: its rounding differences grow to ~1e-4)
+        assert all(_rel(out[k], ref[k]) < (1e-3 if train else 1e-4) for k in ("mid", "last")), train
 
 
 @pytest.mark.parametrize("family", ["torchvision", "timm"])
-def test_fx_graph_traced_in_one_mode_is_right_in_the_other(family):
-    """An FX trace freezes decisions taken from module state: BN is left unfolded there (BN stays a module
-    call, which reads its mode when the graph runs), so a graph traced in eval mode is right in train mode
-    and the other way round."""
+def test_fx_graph_computes_what_the_model_computes_in_either_mode(family):
+    """torch.fx.symbolic_trace of a converted model: each converted block is a call_module node, so the
+    graph is bit-identical to the model's own forward, also when switched to the other mode after tracing;
+    FX followed by torch.jit.script works (TorchScript runs the blocks' original forward)."""
+    import warnings
+
     def make():
         if family == "torchvision":
             return torchvision.models.resnet18(num_classes=10)
         return timm.create_model("resnet50", num_classes=10, drop_path_rate=0.0)
 
-    for traced_in, run_in in (("eval", "train"), ("train", "eval")):
+    for traced_in, run_in in (("eval", "train"), ("train", "eval"), ("eval", "eval"), ("train", "train")):
         model, fused = _hooked_pair(make, traced_in == "train")
-        ref_graph, graph = torch.fx.symbolic_trace(model), torch.fx.symbolic_trace(fused)
-        ref_graph.train(run_in == "train"), graph.train(run_in == "train")
+        graph = torch.fx.symbolic_trace(fused)
+        fused.train(run_in == "train"), graph.train(run_in == "train")
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
-            assert_bitwise_equal(graph(x), ref_graph(x), f"traced in {traced_in}, run in {run_in}")
+            assert_bitwise_equal(graph(x), fused(x), f"traced in {traced_in}, run in {run_in}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
+        scripted = torch.jit.script(torch.fx.symbolic_trace(fused.eval()))
+    with torch.no_grad():  # (the fused model's BN statistics moved in the train-mode runs above)
+        assert _rel(scripted(x), fused(x)) < 1e-4
 
 
 def test_fx_symbolic_trace_of_residual_block():

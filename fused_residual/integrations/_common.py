@@ -95,11 +95,23 @@ class FusedForward:
       as well as it fuses that (our ops would be opaque extern calls to it);
     * whenever ``why_not`` gives a reason at this call (hooks on a module the fused path skips, global
       module hooks), or the input's dtype is not one the fused ops take (float64).
+
+    Under FX symbolic tracing (``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor``) a
+    converted block inside the traced model is recorded as one ``call_module`` node: the graph then runs
+    the block itself, bit-identical to the model's forward and right in train and eval alike.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._original_forward(x)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy) and x.tracer.root is not self:
+            # FX symbolic tracing: the block becomes one node that calls it (the graph keeps the block as a
+            # submodule), so the graph computes exactly what the model computes, in whichever mode it runs
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         if self._run_original(x):
             return self._original_forward(x)
         return self._fused_forward(x)
