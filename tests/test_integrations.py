@@ -771,3 +771,26 @@ def test_torchscript_of_converted_models_and_modules(family, mode):
                                        else copy.deepcopy(m).double()(x.double())).detach(), type(m).__name__)
     z, skip = torch.randn(4, 8), torch.randn(4, 8)
     assert_bitwise_equal(add(z, skip), torch.relu(z + skip), "AddReLU scripted")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_timm_features_only_and_forward_intermediates(mode):
+    """timm's own feature paths on converted models: features_only=True models (FeatureListNet) and
+    forward_intermediates() give the unconverted model's features (to rounding)."""
+    def pair(**kwargs):
+        model = randomize_bn(timm.create_model("resnet26d", **kwargs)).train(mode == "train")
+        return model, fr.convert(copy.deepcopy(model))
+
+    tol = 1e-3 if mode == "train" else 1e-4  # (train: BN over few values per channel in the last stage)
+    x = torch.randn(2, 3, 64, 64)
+    model, fused = pair(features_only=True)
+    assert fr.conversion_report(fused).counts()
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert len(out) == len(ref) == 5 and all(_rel(o, r) < tol for o, r in zip(out, ref))
+    model, fused = pair(num_classes=10)
+    with torch.no_grad():
+        ref_final, ref_inter = model.forward_intermediates(x)
+        out_final, out_inter = fused.forward_intermediates(x)
+    assert _rel(out_final, ref_final) < tol
+    assert len(out_inter) == len(ref_inter) and all(_rel(o, r) < tol for o, r in zip(out_inter, ref_inter))
