@@ -1,8 +1,11 @@
 """fused_residual: fused kernels for residual blocks.
 
 ``add_relu`` / ``add_relu_`` fuse the skip-add with the ReLU; the GEMM ops fuse the projection shortcut's
-matrix product with a bias + residual + ReLU epilogue. All are ``torch.ops.fused_residual`` custom ops with
+matrix product with a bias + residual + ReLU epilogue; ``batch_norm_relu`` / ``batch_norm_add_relu`` fuse a
+training-mode BatchNorm with the add and the ReLU. All are ``torch.ops.fused_residual`` custom ops with
 autograd, and run on Triton (CUDA), C++ (CPU) or the eager reference (see :func:`use_backend`).
+:func:`convert` swaps torchvision / timm ResNet blocks for fused ones; :func:`freeze` makes an
+inference-only copy with BatchNorm folded once.
 """
 
 from . import nn, reference  # noqa: F401

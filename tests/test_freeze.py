@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import fused_residual as fr
-from helpers import assert_close_to_ref
+from helpers import assert_close_to_ref, device_params
 from test_integrations import randomize_bn
 
 MODELS = {
@@ -227,3 +227,20 @@ def test_cpu_float32_convolutions_run_on_onednn_with_packed_weights_that_follow_
             assert torch.equal(clone(x), expected)
     frozen.to(torch.float64)  # new weights: the packed ones go
     assert conv._packed == {}
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_frozen_model_on_each_device(device):
+    """A frozen ResNet-50 moved to the device (CUDA: cuDNN convolutions, the Triton GEMM tails) in bfloat16
+    and channels_last, against the unfrozen model in that dtype and float64."""
+    model = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
+    frozen = fr.freeze(model).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    eager = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    xd = x.to(device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out, ref = frozen(xd), eager(xd)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double()).to(device)
+    assert out.device.type == device and out.dtype == torch.bfloat16
+    assert_close_to_ref(out, ref, ref64, f"frozen on {device}")
