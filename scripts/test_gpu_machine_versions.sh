@@ -18,6 +18,7 @@ trap 'rm -rf "$WORK"' EXIT
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.3" pytest hypothesis timm \
+    onnx onnxscript onnxruntime \
     matplotlib ninja setuptools wheel
 fi
 "$VENV/bin/python" -c "import torch, triton, numpy; print('torch', torch.__version__, '| triton', triton.__version__, \
