@@ -134,13 +134,14 @@ def _capability(t) -> tuple[int, int]:
 def prune_configs(configs, named_args, **kwargs):
     """Drop configs not used on this GPU (:func:`runs_on`), TMA configs where the launcher built no
     descriptors (``TMA_READY`` false), and tiles much larger than the problem (they only add masked work)."""
-    M, N = named_args["M"], named_args["N"]
+    every = {**named_args, **kwargs}  # (arguments passed by keyword come in kwargs)
+    M_CLASS, N = every["M_CLASS"], named_args["N"]  # the class, not M: the same configs for the whole class
     K = max(named_args["K1"], named_args["K2"])
     capability = _capability(named_args["out_ptr"])
-    tma_ready = {**named_args, **kwargs}["TMA_READY"]
+    tma_ready = every["TMA_READY"]
     usable = [c for c in configs if runs_on(c, capability) and (tma_ready or not c.kwargs["TMA"])]
     kept = [c for c in usable
-            if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(M))
+            if c.kwargs["BLOCK_M"] <= max(32, M_CLASS)
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(N))
             and c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))]
     return kept or [min(usable, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
@@ -351,6 +352,7 @@ def gemm_add_relu_kernel(
     a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
     r_sn, r_sh, r_sw, r_sc,
     o_sn, o_sh, o_sw, o_sc,
+    M_CLASS,  # the autotuner's key only (m_class(M))
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
     A1_LINEAR: tl.constexpr, A2_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
     TMA_READY: tl.constexpr, DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
@@ -392,11 +394,18 @@ def gemm_add_relu_kernel(
                   DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
 
 
+def m_class(m: int) -> int:
+    """The row-count class the autotuner keys on: the next power of two. A model run at several batch
+    sizes (or image sizes) is tuned once per class, not once per size, and the configs the pruning keeps
+    depend on the class alone, so every size of a class runs the same config."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
 def _autotuned(configs):
-    # Tuned per problem size and per row addressing (a strided 1x1 convolution and a linear layer of the
-    # same M, N, K run different code).
+    # Tuned per row-count class (M_CLASS, see m_class), N, K and row addressing (a strided 1x1 convolution
+    # and a linear layer of the same sizes run different code).
     return triton.autotune(configs=configs,
-                           key=["M", "N", "K1", "K2", "A1_LINEAR", "A2_LINEAR", "O_LINEAR", "TMA_READY"],
+                           key=["M_CLASS", "N", "K1", "K2", "A1_LINEAR", "A2_LINEAR", "O_LINEAR", "TMA_READY"],
                            prune_configs_by={"early_config_prune": prune_configs})(gemm_add_relu_kernel)
 
 

@@ -846,7 +846,8 @@ def test_hopper_only_configs_are_pruned_before_sm90(monkeypatch):
     assert all(K.runs_on(c, (9, 0)) and not K.runs_on(c, (8, 6)) and not K.runs_on(c, (8, 0))
                for c in persistent + wide + tma)
     assert sum(K.runs_on(c, (8, 0)) for c in K.CONFIGS) == len(K.CONFIGS) - len(hopper) > 0
-    args = {"M": 100000, "N": 256, "K1": 64, "K2": 0, "out_ptr": torch.empty(1, device="meta"), "TMA_READY": True}
+    args = {"M": 100000, "M_CLASS": 131072, "N": 256, "K1": 64, "K2": 0, "out_ptr": torch.empty(1, device="meta"),
+            "TMA_READY": True}
     for cap, expect in (((8, 0), False), ((9, 0), True)):
         monkeypatch.setattr(K, "_capability", lambda t, cap=cap: cap)
         kept = K.prune_configs(K.CONFIGS, args)
@@ -935,3 +936,38 @@ def test_pixel_stride_recognises_evenly_laid_out_pixels():
                 for h in range(oh):
                     for w in range(ow):
                         assert img * si + h * sh + w * sw == ((img * oh + h) * ow + w) * p
+
+
+def test_autotuner_keys_on_the_row_count_class(monkeypatch):
+    """The autotuner keys on M's class (the next power of two): row counts of one class are tuned once and
+    run the config chosen for the class; another class is tuned anew; the configs the pruning keeps depend
+    on the class alone (driven under the interpreter with a stand-in for the timing)."""
+    from fused_residual import _triton
+
+    K = _triton.kernels("gemm_add_relu")
+    assert [K.m_class(m) for m in (1, 33, 64, 65, 802816)] == [1, 64, 64, 128, 1048576]
+    timed = []
+
+    def fake_bench(config):  # the 64-row tile wins
+        timed.append(config.kwargs["BLOCK_M"])
+        return [1.0 if config.kwargs["BLOCK_M"] == 64 else 2.0] * 3
+
+    configs = [K.make_config(32, 32, 16, 2, 4, group=2), K.make_config(64, 32, 16, 2, 4, group=2)]
+    tuner = _stand_in_tuner(monkeypatch, configs, fake_bench)
+    n, k = 48, 40
+    w, b = (torch.randn(n, k) / 6).half(), torch.randn(n).half()
+    for m, tuned in ((70, [32, 64]), (100, []), (128, []), (129, [32, 64]), (200, [])):
+        timed.clear()
+        x, r = torch.randn(m, k).half(), torch.randn(m, n).half()
+        with poisoned():
+            out = gemm_ops._alloc.empty((m, n), x)
+        gemm_ops._triton_gemm([gemm_ops.Operand(x, w)], b, r, out)
+        assert sorted(timed) == tuned, m
+        assert tuner.best_config.kwargs["BLOCK_M"] == 64
+        args = (x, w, r, b)
+        assert_close_to_ref(out, reference.linear_add_relu(*args),
+                            reference.linear_add_relu(*(a.double() for a in args)), f"M={m}")
+    assert len(tuner.cache) == 2
+    named = dict(N=n, K1=k, K2=0, out_ptr=torch.empty(1), TMA_READY=False)
+    kept = {m: K.prune_configs(K.CONFIGS, dict(named, M=m, M_CLASS=K.m_class(m))) for m in (65, 100, 128)}
+    assert kept[65] == kept[100] == kept[128]

@@ -228,7 +228,8 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
         M, N, a1.k, a2.k if a2 else 0, OH, OW,
         *a1_st, *a1.w_strides(), *a2_st, *(a2.w_strides() if a2 else (0, 0)), *r_st, *o_st,
     ]
-    flags = dict(HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+    flags = dict(M_CLASS=K.m_class(M),  # the autotuner's key (see m_class)
+                 HAS_A2=a2 is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                  A1_LINEAR=a1_lin, A2_LINEAR=a2_lin, R_LINEAR=r_lin, O_LINEAR=o_lin, TMA_READY=False,
                  PREFETCH_EPILOGUE=out.element_size() <= 2,
                  DOT_PRECISION=dot_precision(out.dtype, out.device, conv=a1.x.dim() == 4),
@@ -264,7 +265,8 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
                                          num_stages=cfg.num_stages)
         else:
             tuner = K.AUTOTUNED[configs]
-            key = (configs, M, N, a1.k, a2.k if a2 else 0, a1_lin, a2_lin, o_lin, out.dtype, out.device)
+            key = (configs, flags["M_CLASS"], N, a1.k, a2.k if a2 else 0, a1_lin, a2_lin, o_lin, out.dtype,
+                   out.device)
             if key in _TUNED_WITHOUT_TMA:
                 # Tuned with the TMA configs among the candidates, and a pointer config won: the same
                 # autotuner key (TMA_READY), without the cost of building descriptors it will not read.
@@ -280,8 +282,9 @@ def _triton_gemm(operands: list[Operand], bias, residual, out, config=None) -> N
                 tuner[grid](*args, **flags)
 
 
-# Problems (config list, M, N, K1, K2, row addressing, dtype, device) that were tuned with descriptors and
-# chose a config without TMA: later calls skip building descriptors (several microseconds of host time).
+# Problems (config list, row-count class, N, K1, K2, row addressing, dtype, device) that were tuned with
+# descriptors and chose a config without TMA: later calls skip building descriptors (several microseconds of
+# host time).
 _TUNED_WITHOUT_TMA: set = set()
 # Held around every autotuned launch: a launch sets the tuner's best_config, which the TMA branch reads
 # right after its own launch to learn which config ran; a launch from another thread in between would
