@@ -371,13 +371,14 @@ def bottleneck_tail(h: torch.Tensor, x: torch.Tensor, conv3: nn.Module, bn3: nn.
 
 
 def passes_through(m: nn.Module | None) -> bool:
-    """``m`` is absent or returns its input unchanged right now (a plain Identity, or drop-path in eval
-    mode or with probability 0), without hooks, so that skipping the call changes nothing."""
+    """``m`` is absent or returns its input unchanged right now (a plain Identity, or timm's drop-path /
+    drop-block in eval mode or with probability 0), without hooks, so that skipping the call changes
+    nothing."""
     if m is None:
         return True
     if not unhooked(m):
         return False
     if type(m) is nn.Identity:
         return True
-    return (type(m).__name__ == "DropPath" and not fx_tracing()
+    return (type(m).__name__ in ("DropPath", "DropBlock2d") and not fx_tracing()
             and (not m.training or getattr(m, "drop_prob", 1.0) == 0.0))

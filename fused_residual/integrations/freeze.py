@@ -31,7 +31,11 @@ from torch.nn import functional as F
 from .. import functional as fr
 from .._checks import SUPPORTED_DTYPES
 from ..ops import _direct
-from ._common import Projection, add_relu_tail, fold_bn, is_gemm_conv, unhooked
+from ._common import Projection, add_relu_tail, fold_bn, is_gemm_conv, passes_through, unhooked
+
+
+_FROZEN_TRAIN = ("fused_residual.freeze: this model is frozen for inference (its BatchNorm layers are folded "
+                 "into the convolutions); train the original model and freeze it again")
 
 
 class FoldedConv(nn.Module):
@@ -42,32 +46,28 @@ class FoldedConv(nn.Module):
 
     __jit_ignored_attributes__ = ["_packed"]  # a cache: TorchScript runs the plain convolution
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.Module | None):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         super().__init__()
-        if bn is None:
-            weight = conv.weight.detach().clone()
-            bias = None if conv.bias is None else conv.bias.detach().clone()
-        else:
-            with torch.no_grad():
-                weight, bias = fold_bn(conv.weight, conv.bias, bn)
+        with torch.no_grad():
+            weight, bias = fold_bn(conv.weight, conv.bias, bn)
         self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                                                                device=weight.device))
+        self.register_buffer("bias", bias)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.folded_bn = bn is not None
-
         self._packed: dict = {}  # oneDNN-packed weights by input shape (CPU; not state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return self._conv2d(x)
         return self._eager(x)
+
+    def _conv2d(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     @torch.jit.unused
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         if self._onednn(x):
             return self._onednn_conv(x, "none")
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv2d(x)
 
     def conv_relu(self, x):
         """``relu(conv(x))``: on CPU one oneDNN call with the ReLU as its post-op (Python only)."""
@@ -107,8 +107,8 @@ class FoldedConv(nn.Module):
 
     def extra_repr(self) -> str:
         w = self.weight
-        return (f"{w.shape[1] * self.groups}, {w.shape[0]}, kernel_size={tuple(w.shape[2:])}, stride={self.stride}"
-                + (", BN folded" if self.folded_bn else ""))
+        return (f"{w.shape[1] * self.groups}, {w.shape[0]}, kernel_size={tuple(w.shape[2:])}, stride={self.stride}, "
+                "BN folded")
 
 
 class FrozenShortcut(nn.Module):
@@ -129,21 +129,22 @@ class FrozenBlock(nn.Module):
     ``act2``, ``conv3``) folded convolutions; the last one's output is fused with the shortcut and the ReLU.
 
     ``aa`` is timm's anti-aliasing after the last inner activation, ``se`` timm's squeeze-excitation after
-    the last convolution, ``shortcut`` a :class:`FrozenShortcut`, another module (called) or None (the
-    identity). Under TorchScript the block computes the same expression unfused (aten convolutions, add,
-    ReLU): the fused functions are Python."""
+    the last convolution, ``shortcut`` a :class:`FrozenShortcut` (a 1x1 projection: a GEMM), another
+    module (called) or None (the identity); ``gemm_tail``: the Bottleneck's conv3 is a 1x1 convolution at
+    stride 1, a GEMM. Under TorchScript the block computes the same expression unfused (aten convolutions,
+    add, ReLU): the fused functions are Python."""
 
     def __init__(self, convs: list[FoldedConv], acts: list[nn.Module], aa: nn.Module | None,
-                 se: nn.Module | None, shortcut: nn.Module | None, kind: str):
+                 se: nn.Module | None, shortcut: nn.Module | None, kind: str, gemm_tail: bool):
         super().__init__()
-        self.kind = kind
+        self.kind, self.gemm_tail = kind, gemm_tail
         self.conv1, self.act1, self.conv2 = convs[0], acts[0], convs[1]
         self.act2 = acts[1] if kind == "bottleneck" else None
         self.conv3 = convs[2] if kind == "bottleneck" else None
         self.aa, self.se, self.shortcut = aa, se, shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training:  # (TorchScript takes no global strings: the short form of _FROZEN_TRAIN)
             raise RuntimeError("fused_residual.freeze: this model is frozen for inference")
         if torch.jit.is_scripting():
             return self._unfused(x)
@@ -188,12 +189,12 @@ class FrozenBlock(nn.Module):
         last = self.conv3 if self.conv3 is not None else self.conv2
         sc = self.shortcut
         if self.se is None:
-            if sc is None and self.kind == "bottleneck" and _is_gemm(last, stride_one=True):
+            if sc is None and self.gemm_tail:
                 return fr.conv1x1_add_relu(h, last.weight, x, last.bias)  # identity: the input is the residual
-            if isinstance(sc, FrozenShortcut) and _is_gemm(sc.conv):
+            if isinstance(sc, FrozenShortcut):
                 stride = sc.conv.stride[0]
                 xs = sc.pool(x) if sc.pool is not None else x
-                if self.kind == "bottleneck" and _is_gemm(last, stride_one=True):
+                if self.gemm_tail:
                     return fr.dual_conv1x1_add_relu(h, last.weight, xs, sc.conv.weight, last.bias + sc.conv.bias,
                                                     shortcut_stride=stride)
                 if self.kind == "basic":  # the projection's GEMM takes the main path as its residual
@@ -216,17 +217,6 @@ def _conv_act(conv: FoldedConv, act: nn.Module, x: torch.Tensor) -> torch.Tensor
     if type(act) is nn.ReLU and unhooked(act):
         return conv.conv_relu(x)
     return act(conv(x))
-
-
-def _is_gemm(conv: FoldedConv, stride_one: bool = False) -> bool:
-    """A 1x1 convolution without padding, dilation or groups, at a square stride (1 if ``stride_one``)."""
-    return (tuple(conv.weight.shape[2:]) == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
-            and conv.dilation == (1, 1) and conv.stride[0] == conv.stride[1]
-            and (not stride_one or conv.stride == (1, 1)))
-
-
-_FROZEN_TRAIN = ("fused_residual.freeze: this model is frozen for inference (its BatchNorm layers are folded "
-                 "into the convolutions); train the original model and freeze it again")
 
 
 @dataclass
@@ -258,7 +248,7 @@ class FrozenModel(nn.Module):
         module.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training:  # (TorchScript takes no global strings: the short form of _FROZEN_TRAIN)
             raise RuntimeError("fused_residual.freeze: this model is frozen for inference")
         return self.module(x)
 
@@ -305,11 +295,6 @@ def _block_parts(block: nn.Module, family: str):
     return ("bottleneck" if bottleneck else "basic"), pairs, block.aa, block.se, tail, block.downsample
 
 
-def _passes_in_eval(m: nn.Module | None) -> bool:
-    """timm's drop_block / drop_path: identities in eval mode (absent, Identity, DropBlock2d, DropPath)."""
-    return m is None or (unhooked(m) and type(m).__name__ in ("Identity", "DropBlock2d", "DropPath"))
-
-
 def _freeze_block(block: nn.Module, family: str) -> tuple[nn.Module | None, str | None]:
     """(frozen block, None) or (None, why not)."""
     kind, pairs, aa, se, tail, downsample = _block_parts(block, family)
@@ -317,8 +302,7 @@ def _freeze_block(block: nn.Module, family: str) -> tuple[nn.Module | None, str 
         return None, "the block has hooks"
     if type(tail) is not nn.ReLU or not unhooked(tail):
         return None, f"tail activation is {type(tail).__name__}{' with hooks' if type(tail) is nn.ReLU else ''}"
-    if family == "timm" and not (_passes_in_eval(getattr(block, "drop_block", None))
-                                 and _passes_in_eval(getattr(block, "drop_path", None))):
+    if family == "timm" and not (passes_through(block.drop_block) and passes_through(block.drop_path)):
         return None, "drop_block / drop_path of an unknown kind"
     for conv, bn, _ in pairs:
         why = _foldable_conv(conv) or _foldable_bn(bn)
@@ -327,7 +311,7 @@ def _freeze_block(block: nn.Module, family: str) -> tuple[nn.Module | None, str 
     shortcut = None
     if downsample is not None:
         proj = Projection.parse(downsample)
-        if proj is not None and is_gemm_conv(proj.conv) and not _foldable_bn(proj.bn) and unhooked(proj.conv):
+        if proj is not None and proj.gemm_ready():  # (the copy is in eval mode)
             shortcut = FrozenShortcut(proj)
         else:
             shortcut = downsample  # called as it is (its own conv + BN pairs are folded by _fold_sequentials)
@@ -335,7 +319,8 @@ def _freeze_block(block: nn.Module, family: str) -> tuple[nn.Module | None, str 
     acts = [nn.ReLU(inplace=True) if type(act) is nn.ReLU and unhooked(act) else act for _, _, act in pairs[:-1]]
     convs = [FoldedConv(conv, bn) for conv, bn, _ in pairs]
     aa = aa if aa is not None and not (type(aa) is nn.Identity and unhooked(aa)) else None
-    return FrozenBlock(convs, acts, aa, se, shortcut, kind), None
+    gemm_tail = kind == "bottleneck" and is_gemm_conv(pairs[-1][0], stride_one=True)
+    return FrozenBlock(convs, acts, aa, se, shortcut, kind, gemm_tail), None
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
