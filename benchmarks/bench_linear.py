@@ -25,7 +25,7 @@ except ImportError:  # run as a script
     from fused_residual._benchmarks import common
 
 import fused_residual as fr
-from fused_residual.ops.gemm_add_relu import use_gemm_path
+from fused_residual.ops import use_gemm_path
 
 
 def cases(device: str, quick: bool):

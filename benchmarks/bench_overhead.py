@@ -43,10 +43,17 @@ def cases(device: str):
     x, w, r, b = t(2, 16, 4, 4), t(32, 16, 1, 1), t(2, 32, 4, 4), t(32)
     yield ("conv1x1_add_relu", "2x16x4x4 -> 32", (x, w, r, b),
            lambda x, w, r, b: torch.relu(F.conv2d(x, w, b) + r), fr.conv1x1_add_relu, OPS.conv1x1_add_relu)
+    x, s, w, b = t(4, 16, 3, 3), t(4, 16, 3, 3), t(16), t(16)
+    mean, var = torch.zeros(16, device=device), torch.ones(16, device=device)
+    yield ("batch_norm_add_relu", "4x16x3x3 train", (x, s, w, b),
+           lambda x, s, w, b: torch.relu(F.batch_norm(x, mean, var, w, b, True) + s),
+           lambda x, s, w, b: fr.batch_norm_add_relu(x, s, mean, var, w, b, True),
+           # the op alone: it returns the batch statistics, the public function updates the running ones
+           lambda x, s, w, b: OPS.batch_norm_add_relu(x, s, w, b, mean, var, True, 1e-5, True)[0])
 
 
 def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None):
-    bench = common.Bench("overhead", device, quick, out_dir, total=3 * 3 * 2)
+    bench = common.Bench("overhead", device, quick, out_dir, total=4 * 3 * 2)
     dtype = "fp32"
     for op, shape, args, eager_fn, fused_fn, registered in cases(device):
         providers = [("eager", eager_fn), ("fused", fused_fn), ("fused [torch.ops]", registered)]

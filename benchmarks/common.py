@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from fused_residual._checks import DTYPES_BY_NAME
+
 FIELDS = ["op", "shape", "dtype", "provider", "mode", "median_ms", "metric", "unit", "frac_of_copy",
           "speedup_vs_eager", "peak_mem_mb", "device", "versions", "date"]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = DTYPES_BY_NAME  # the library's one table of dtype names
 
 
 def device_name(device: str) -> str:
@@ -232,7 +234,7 @@ def print_autotune_choices(device: str) -> None:
     was tuned), for the log. :meth:`Bench.finish` calls it."""
     if device != "cuda":
         return
-    from fused_residual.ops.gemm_add_relu import autotune_choices
+    from fused_residual.ops._gemm_triton import autotune_choices
 
     lines = autotune_choices()
     if lines:
@@ -271,16 +273,6 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
-
-
-def plot_csv(csv_path: str, png_path: str, title: str) -> None:
-    """Re-draw a plot from a CSV this module wrote (e.g. for results gathered on another machine)."""
-    with open(csv_path) as f:
-        rows = [Row(op=r["op"], shape=r["shape"], dtype=r["dtype"], provider=r["provider"], mode=r["mode"],
-                    median_ms=float(r["median_ms"]), metric=float(r["metric"]), unit=r["unit"],
-                    speedup_vs_eager=float(r["speedup_vs_eager"]) if r["speedup_vs_eager"] else None)
-                for r in csv.DictReader(f)]
-    plot(rows, png_path, title)
 
 
 def parse_args(description: str, argv=None):

@@ -21,7 +21,7 @@ except ImportError:  # run as a script
     from fused_residual._benchmarks import common
 
 from fused_residual import _triton
-from fused_residual.ops import gemm_add_relu as gemm_ops
+from fused_residual.ops import _gemm_layout, _gemm_triton
 
 # Configs timed besides the shipped list (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent programs per
 # SM, split epilogue, TMA): deeper or shallower variants of it, wider N tiles, persistent and TMA variants.
@@ -85,12 +85,12 @@ def run(device: str = "cuda", quick: bool = False, out_dir: str | None = None):
         if K2:
             s = torch.randn(M, K2, device=device, dtype=dtype)
             ws = (torch.randn(N, K2, device=device) / K2**0.5).to(dtype)
-            operands, residual = [gemm_ops.Operand(x, w), gemm_ops.Operand(s, ws)], None
+            operands, residual = [_gemm_layout.Operand(x, w), _gemm_layout.Operand(s, ws)], None
             eager = lambda: torch.relu(F.linear(x, w, b) + F.linear(s, ws))  # noqa: E731
             nbytes = es * (M * K + N * K + M * K2 + N * K2 + N + M * N)
         else:
             r = torch.randn(M, N, device=device, dtype=dtype)
-            operands, residual = [gemm_ops.Operand(x, w)], r
+            operands, residual = [_gemm_layout.Operand(x, w)], r
             eager = lambda: torch.relu(F.linear(x, w, b) + r)  # noqa: E731
             nbytes = es * (M * K + N * K + 2 * M * N + N)
         flops = 2.0 * M * N * (K + K2)
@@ -105,9 +105,9 @@ def run(device: str = "cuda", quick: bool = False, out_dir: str | None = None):
         else:
             m("torch.mm", lambda: torch.mm(x, w.t(), out=out))
         m("eager", eager)
-        m("autotuned", lambda: gemm_ops._triton_gemm(operands, b, residual, out))
+        m("autotuned", lambda: _gemm_triton.triton_gemm(operands, b, residual, out))
         for cfg in cfgs:
-            m(label(cfg), lambda cfg=cfg: gemm_ops._triton_gemm(operands, b, residual, out, config=cfg))
+            m(label(cfg), lambda cfg=cfg: _gemm_triton.triton_gemm(operands, b, residual, out, config=cfg))
         del x, w, b, out, operands, residual
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -11,13 +11,13 @@ inference-only copy with BatchNorm folded once.
 from . import nn, reference  # noqa: F401
 from ._backend import BACKENDS, BackendUnavailable, current_backend, use_backend
 from ._compile import compile_policy, set_compile_policy
+from . import functional as _functional
 from .functional import (add_relu, add_relu_, batch_norm_add_relu, batch_norm_relu, conv1x1_add_relu,
                          dual_conv1x1_add_relu, dual_linear_add_relu, linear_add_relu)
 
 import torch as _torch
 
-for _name in ("add_relu", "add_relu_", "linear_add_relu", "dual_linear_add_relu", "conv1x1_add_relu",
-              "dual_conv1x1_add_relu", "batch_norm_relu", "batch_norm_add_relu"):
+for _name in _functional.__all__:
     _torch.fx.wrap(_name)  # FX records ``fused_residual.<op>(...)`` as one call node (see functional.py)
 del _name
 
@@ -27,25 +27,18 @@ from .integrations.freeze import FreezeReport, FrozenModel, freeze
 __version__ = "0.1.0"
 
 __all__ = [
+    *_functional.__all__,
     "BACKENDS",
     "BackendUnavailable",
     "ConversionReport",
     "FreezeReport",
     "FrozenModel",
-    "add_relu",
-    "add_relu_",
-    "batch_norm_add_relu",
-    "batch_norm_relu",
     "compile_policy",
-    "conv1x1_add_relu",
     "conversion_report",
     "convert",
-    "dual_conv1x1_add_relu",
-    "dual_linear_add_relu",
+    "current_backend",
     "freeze",
-    "linear_add_relu",
     "revert",
     "set_compile_policy",
-    "current_backend",
     "use_backend",
 ]

@@ -27,14 +27,13 @@ import warnings
 
 import torch
 
+from . import _cpp, _triton
+from ._errors import BackendUnavailable
+
 BACKENDS = ("auto", "triton", "cpp", "eager")
 ENV_VAR = "FUSED_RESIDUAL_BACKEND"
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_residual_backend", default=None)
-
-
-class BackendUnavailable(RuntimeError):
-    """The selected backend cannot run on these tensors here."""
 
 
 def _validate(name: object, source: str) -> str:
@@ -59,15 +58,6 @@ def remember(ctx) -> None:
     :func:`under_forward_backend`. Under torch.compile, nothing: compiled backward graphs read the choice
     where they run (and dynamo of torch 2.11 cannot trace ``ContextVar.get``)."""
     ctx.fused_residual_backend = None if torch.compiler.is_compiling() else _override.get()
-
-
-def records_backend(setup_context):
-    """Decorates an op's autograd ``setup_context``: :func:`remember`, then the formula's own set-up."""
-    @functools.wraps(setup_context)
-    def setup(ctx, *args, **kwargs):
-        remember(ctx)
-        return setup_context(ctx, *args, **kwargs)
-    return setup
 
 
 def under_forward_backend(backward):
@@ -99,14 +89,10 @@ def current_backend() -> str:
 
 def triton_status() -> tuple[bool, bool, str]:
     """(importable, interpreting, detail) for the Triton kernels."""
-    from . import _triton
-
     return _triton.status()
 
 
 def cpp_status() -> tuple[bool, str]:
-    from . import _cpp
-
     return _cpp.status()
 
 

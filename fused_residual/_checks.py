@@ -11,6 +11,8 @@ import torch
 from ._layout import is_dense
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The short names the CLI, verify and the benchmarks use for them.
+DTYPES_BY_NAME = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = "float32, float16, bfloat16"
 
 

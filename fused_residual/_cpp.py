@@ -7,6 +7,8 @@ import importlib
 
 import torch
 
+from ._errors import BackendUnavailable
+
 _module = None
 _error: str | None = None
 _loaded = False
@@ -48,7 +50,5 @@ def module():
     """The loaded extension module; raises ``BackendUnavailable`` with the cause if there is none."""
     _load()
     if _module is None:
-        from ._backend import BackendUnavailable
-
         raise BackendUnavailable(f"the 'cpp' backend is not available: {_error}")
     return _module

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._errors import BackendUnavailable
+
 _status: tuple[bool, bool, str] | None = None
 
 
@@ -11,8 +13,6 @@ def kernels(name: str):
     """``fused_residual._kernels.<name>``; raises ``BackendUnavailable`` if triton cannot be imported."""
     ok, _, why = status()
     if not ok:
-        from ._backend import BackendUnavailable
-
         raise BackendUnavailable(f"the 'triton' backend is not available: {why}")
     return importlib.import_module(f"fused_residual._kernels.{name}")
 

@@ -1,13 +1,16 @@
-"""The public fused functions. Each checks its arguments and calls the ``torch.ops.fused_residual`` op, or
-in plain eager mode the op's implementation and autograd formulas without the dispatcher round trips
-(``fused_residual.ops._direct``; same code, bit-identical results)."""
+"""The public fused functions. Each checks its arguments and calls its op through the op's one call path
+(``fused_residual.ops._registry.RegisteredOp``): the ``torch.ops.fused_residual`` op, its aten expression
+while torch.compile traces under the default policy, or in plain eager mode the op's implementation and
+autograd formulas without the dispatcher round trips (same code, bit-identical results).
+
+``__all__`` lists them; the package, ``fused_residual.nn`` and this module wrap exactly those names for
+FX (see the end of this module)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
-from . import ops as _ops  # noqa: F401  (registers torch.ops.fused_residual.*)
+from . import _checks
 from .ops import _direct
 from .ops import add_relu as _ar
 from .ops import batch_norm as _bn
@@ -15,8 +18,16 @@ from .ops import gemm_add_relu as _gemm
 from ._compile import plain_under_compile
 
 SAVE_MODES = ("output", "mask")
+__all__: list[str] = []
 
 
+def public(fn):
+    """Adds a function to ``__all__``: the package exports it and FX records it as one call node."""
+    __all__.append(fn.__name__)
+    return fn
+
+
+@public
 def add_relu(z: torch.Tensor, skip: torch.Tensor, *, save: str = "output") -> torch.Tensor:
     """``relu(z + skip)`` as a new tensor with z's shape, dtype and memory format, bit-identical to eager.
 
@@ -27,15 +38,13 @@ def add_relu(z: torch.Tensor, skip: torch.Tensor, *, save: str = "output") -> to
     _checks.tensors("add_relu", z=z, skip=skip)
     if save not in SAVE_MODES:
         raise ValueError(f"add_relu: save must be one of {SAVE_MODES}, got {save!r}")
-    if plain_under_compile():
-        return reference.add_relu(z, skip)
-    if save == "mask" and torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
-        return _direct.run(torch.ops.fused_residual.add_relu_with_mask, _ar.AddReLUWithMask,
-                           _ar._add_relu_with_mask, lambda z, skip: (reference.add_relu(z, skip),), z, skip)[0]
-    return _direct.run(torch.ops.fused_residual.add_relu, _ar.AddReLU, _ar._add_relu, reference.add_relu,
-                       z, skip)
+    if save == "mask" and torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad) \
+            and not plain_under_compile():
+        return _ar.ADD_RELU_WITH_MASK(z, skip)[0]
+    return _ar.ADD_RELU(z, skip)
 
 
+@public
 def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """``z = relu(z + skip)`` in place; returns z.
 
@@ -57,21 +66,18 @@ def add_relu_(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
             # torch.jit.trace refuses in-place autograd Functions, and dynamo of torch 2.11 traces this one
             # so that z keeps its old grad_fn (gradients as if no add or ReLU ran, where the caller uses z
             # rather than the return value): the op's autograd kernel records the backward below them
-            torch.ops.fused_residual.add_relu_(z, skip)
+            _ar.ADD_RELU_INPLACE.overload(z, skip)
             return z
         _ar.check_inplace_autograd(z)
-        return _ar.AddReLUInplace.apply(z, skip)
-    if _direct.plain_eager(z, skip):
-        _ar._add_relu_inplace(z, skip)
-        torch.autograd.graph.increment_version(z)  # what the mutating op's wrapper does for autograd
-    else:
-        torch.ops.fused_residual.add_relu_(z, skip)
+        return _ar.AddReLUInplaceFunction.apply(z, skip)
+    _ar.ADD_RELU_INPLACE(z, skip)
     return z
 
 
 _autocast = _gemm.autocast_inputs
 
 
+@public
 def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(x @ weight.T + bias + residual)`` with the add and ReLU fused into the GEMM's epilogue.
@@ -81,12 +87,10 @@ def linear_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     _checks.tensors("linear_add_relu", x=x, weight=weight, residual=residual)
     _checks.optional_tensors("linear_add_relu", bias=bias)
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
-    if plain_under_compile():
-        return reference.linear_add_relu(x, weight, residual, bias)
-    return _direct.run(torch.ops.fused_residual.linear_add_relu, _gemm.LinearAddReLU, _gemm._linear_add_relu,
-                       reference.linear_add_relu, x, weight, residual, bias)
+    return _gemm.LINEAR_ADD_RELU(x, weight, residual, bias)
 
 
+@public
 def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
                          shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(x @ weight.T + shortcut @ shortcut_weight.T + bias)``: a residual block's last layer and its
@@ -99,13 +103,10 @@ def dual_linear_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.
     _checks.optional_tensors("dual_linear_add_relu", bias=bias)
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
-    if plain_under_compile():
-        return reference.dual_linear_add_relu(x, weight, shortcut, shortcut_weight, bias)
-    return _direct.run(torch.ops.fused_residual.dual_linear_add_relu, _gemm.DualLinearAddReLU,
-                       _gemm._dual_linear_add_relu, reference.dual_linear_add_relu,
-                       x, weight, shortcut, shortcut_weight, bias)
+    return _gemm.DUAL_LINEAR_ADD_RELU(x, weight, shortcut, shortcut_weight, bias)
 
 
+@public
 def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                      bias: torch.Tensor | None = None, stride: int = 1) -> torch.Tensor:
     """``relu(conv2d(x, weight, bias, stride=stride) + residual)`` for a ``[Cout, Cin, 1, 1]`` weight: the
@@ -116,14 +117,12 @@ def conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
     """
     _checks.tensors("conv1x1_add_relu", x=x, weight=weight, residual=residual)
     _checks.optional_tensors("conv1x1_add_relu", bias=bias)
-    _gemm._check_stride("conv1x1_add_relu", "stride", stride)  # here, so that every path raises alike
+    _gemm.check_stride("conv1x1_add_relu", "stride", stride)  # here, so that every path raises alike
     x, weight, residual, bias = _autocast(x.device.type, x, weight, residual, bias)
-    if plain_under_compile():
-        return reference.conv1x1_add_relu(x, weight, residual, bias, stride)
-    return _direct.run(torch.ops.fused_residual.conv1x1_add_relu, _gemm.Conv1x1AddReLU, _gemm._conv1x1_add_relu,
-                       reference.conv1x1_add_relu, x, weight, residual, bias, stride)
+    return _gemm.CONV1X1_ADD_RELU(x, weight, residual, bias, stride)
 
 
+@public
 def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor,
                           shortcut_weight: torch.Tensor, bias: torch.Tensor | None = None,
                           shortcut_stride: int = 1) -> torch.Tensor:
@@ -132,14 +131,10 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
     _checks.tensors("dual_conv1x1_add_relu", x=x, weight=weight, shortcut=shortcut,
                     shortcut_weight=shortcut_weight)
     _checks.optional_tensors("dual_conv1x1_add_relu", bias=bias)
-    _gemm._check_stride("dual_conv1x1_add_relu", "shortcut_stride", shortcut_stride)
+    _gemm.check_stride("dual_conv1x1_add_relu", "shortcut_stride", shortcut_stride)
     x, weight, shortcut, shortcut_weight, bias = _autocast(x.device.type, x, weight, shortcut, shortcut_weight,
                                                            bias)
-    if plain_under_compile():
-        return reference.dual_conv1x1_add_relu(x, weight, shortcut, shortcut_weight, bias, shortcut_stride)
-    return _direct.run(torch.ops.fused_residual.dual_conv1x1_add_relu, _gemm.DualConv1x1AddReLU,
-                       _gemm._dual_conv1x1_add_relu, reference.dual_conv1x1_add_relu,
-                       x, weight, shortcut, shortcut_weight, bias, shortcut_stride)
+    return _gemm.DUAL_CONV1X1_ADD_RELU(x, weight, shortcut, shortcut_weight, bias, shortcut_stride)
 
 
 def _batch_norm_fused(op: str, x, skip, running_mean, running_var, weight, bias, training, momentum, eps, save):
@@ -156,18 +151,17 @@ def _batch_norm_fused(op: str, x, skip, running_mean, running_var, weight, bias,
     save_mask = save == "mask" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
     if skip is None:
-        out, _, mean, _, var = _direct.run(torch.ops.fused_residual.batch_norm_relu, _bn.BatchNormReLU,
-                                           _bn._batch_norm_relu, None, x, weight, bias, running_mean,
-                                           running_var, training, eps, save_mask)
+        out, _, mean, _, var = _bn.BATCH_NORM_RELU(x, weight, bias, running_mean, running_var, training, eps,
+                                                   save_mask)
     else:
-        out, _, mean, _, var = _direct.run(torch.ops.fused_residual.batch_norm_add_relu, _bn.BatchNormAddReLU,
-                                           _bn._batch_norm_add_relu, None, x, skip, weight, bias,
-                                           running_mean, running_var, training, eps, save_mask)
+        out, _, mean, _, var = _bn.BATCH_NORM_ADD_RELU(x, skip, weight, bias, running_mean, running_var,
+                                                       training, eps, save_mask)
     if training and running_mean is not None:
         _bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return out
 
 
+@public
 def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                     weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
                     momentum: float = 0.1, eps: float = 1e-5, *, save: str = "mask") -> torch.Tensor:
@@ -185,6 +179,7 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
                              momentum, eps, save)
 
 
+@public
 def batch_norm_add_relu(x: torch.Tensor, skip: torch.Tensor, running_mean: torch.Tensor | None,
                         running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                         bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
@@ -199,8 +194,8 @@ def batch_norm_add_relu(x: torch.Tensor, skip: torch.Tensor, running_mean: torch
 
 # FX symbolic tracing (torch.fx.symbolic_trace, torchvision's create_feature_extractor) records each public
 # function as one call node instead of tracing into its argument checks, which cannot run on proxies. A
-# wrap applies to the namespace it is made in: nn.py and the package namespace wrap their names too.
-for _name in ("add_relu", "add_relu_", "linear_add_relu", "dual_linear_add_relu", "conv1x1_add_relu",
-              "dual_conv1x1_add_relu", "batch_norm_relu", "batch_norm_add_relu"):
+# wrap applies to the namespace it is made in (and must be made at a module's top level): the package
+# namespace and nn.py loop over this same ``__all__``.
+for _name in __all__:
     torch.fx.wrap(_name)
 del _name

@@ -7,10 +7,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._checks import SUPPORTED_DTYPES
+from . import functional
 from .functional import SAVE_MODES, add_relu, dual_linear_add_relu, linear_add_relu
 
-for _name in ("add_relu", "dual_linear_add_relu", "linear_add_relu"):  # FX: one call node each (functional.py)
-    torch.fx.wrap(_name)
+for _name in functional.__all__:  # FX: one call node each (see functional.py)
+    if _name in globals():
+        torch.fx.wrap(_name)
 del _name
 
 

@@ -32,10 +32,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import _alloc, _backend, functional, reference
+from . import _alloc, _backend, _checks, functional, reference
 from .testing import accuracy, accuracy_l2, bitwise_mismatches, draw_clear_of_relu_kinks, layout, with_specials
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = _checks.DTYPES_BY_NAME
 # Pre-activations closer to 0 than this (relative to their scale) get a zero output gradient in the GEMM
 # gradient checks: there the ReLU gate legitimately flips with rounding, in eager as in fused code.
 KINK_MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}

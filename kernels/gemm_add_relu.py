@@ -9,7 +9,7 @@ Rows ``m`` are output pixels ``(img, oh, ow)`` of an ``OH x OW`` grid, so one ke
 * 1x1 convolutions over NCHW or NHWC tensors with any stride: each operand carries its own strides for
   ``(img, oh, ow, k)``, with the convolution stride folded into the ``oh``/``ow`` strides, so a strided
   channels_last shortcut is read in place; a tensor whose pixels lie evenly apart (dense NHWC) is
-  addressed like a matrix (``*_LINEAR``), without the pixel divisions;
+  addressed like a matrix (``*_FLAT``), without the pixel divisions;
 * two products into one accumulator (``HAS_A2``): a block's last layer and its projection shortcut, with
   no concatenation materialised.
 
@@ -39,7 +39,29 @@ def make_config(bm, bn, bk, stages, warps, group=8, persistent=0, split=False, t
     Memory Accelerator (sm_90+, matrices only; :func:`set_tma_blocks` gives the descriptors their tiles)."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent,
                           "EPILOGUE_SPLIT": split, "TMA": tma}, num_stages=stages, num_warps=warps,
-                         pre_hook=set_tma_blocks if tma else None)
+                         pre_hook=before_launch)
+
+
+_last_launched: dict = {}
+
+
+def before_launch(args: dict) -> None:
+    """Every config's pre-launch hook (the autotuner calls it before each launch, the timed ones and the
+    final one; ``args``: the kernel's arguments by name, config included): gives TMA descriptors their
+    block shapes and records the config, which :func:`last_launched_config` returns."""
+    if args["TMA"]:
+        set_tma_blocks(args)
+    _last_launched.clear()
+    _last_launched.update({name: args[name] for name in CONFIG_PARAMETERS})
+
+
+def last_launched_config() -> dict:
+    """The config of the latest launch through the autotuner (its parameters, warps and stages)."""
+    return dict(_last_launched)
+
+
+CONFIG_PARAMETERS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PERSISTENT", "EPILOGUE_SPLIT", "TMA", "num_warps",
+                     "num_stages")
 
 
 def set_tma_blocks(args: dict) -> None:
@@ -148,11 +170,11 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def row_offsets(m, OH, OW, s_img, s_h, s_w, LINEAR: tl.constexpr):
+def row_offsets(m, OH, OW, s_img, s_h, s_w, FLAT: tl.constexpr):
     """Offset of output row ``m`` (an int32 pixel index) = pixel (img, oh, ow) in a tensor with those
-    strides. ``LINEAR``: the tensor's pixels lie evenly ``s_img`` apart (2-D matrices, dense NHWC
+    strides. ``FLAT``: the tensor's pixels lie evenly ``s_img`` apart (2-D matrices, dense NHWC
     tensors), so the offset is one multiply, without the divisions. Offsets are int64."""
-    if LINEAR:
+    if FLAT:
         return m.to(tl.int64) * s_img
     img = m // (OH * OW)
     rest = m % (OH * OW)
@@ -161,13 +183,13 @@ def row_offsets(m, OH, OW, s_img, s_h, s_w, LINEAR: tl.constexpr):
 
 @triton.jit
 def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a_sk, w_sn, w_sk,
-               A_LINEAR: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               A_FLAT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                INTERPRET: tl.constexpr):
     """acc += A[offs_m, :K] @ W[offs_n, :K]^T. The K offsets and steps are int64 too: an NCHW input's
     channel stride is H * W, and BLOCK_K of those can pass 2**31."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_k64 = offs_k.to(tl.int64)
-    a_ptrs = a_ptr + row_offsets(offs_m, OH, OW, a_sn, a_sh, a_sw, A_LINEAR)[:, None] + offs_k64[None, :] * a_sk
+    a_ptrs = a_ptr + row_offsets(offs_m, OH, OW, a_sn, a_sh, a_sw, A_FLAT)[:, None] + offs_k64[None, :] * a_sk
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * w_sn + offs_k64[:, None] * w_sk
     a_step = tl.cast(a_sk, tl.int64) * BLOCK_K
     w_step = tl.cast(w_sk, tl.int64) * BLOCK_K
@@ -187,16 +209,16 @@ def accumulate(acc, a_ptr, w_ptr, offs_m, offs_n, K, OH, OW, a_sn, a_sh, a_sw, a
 @triton.jit
 def finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
            o_sn, o_sh, o_sw, o_sc, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-           R_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+           R_FLAT: tl.constexpr, O_FLAT: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr):
     """The epilogue of rows x cols of the output: + bias + residual (loaded here), ReLU, one masked store."""
     cols_in = cols % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + row_offsets(rows % M, OH, OW, r_sn, r_sh, r_sw, R_LINEAR)[:, None]
+        acc += tl.load(res_ptr + row_offsets(rows % M, OH, OW, r_sn, r_sh, r_sw, R_FLAT)[:, None]
                        + cols_in.to(tl.int64)[None, :] * r_sc).to(tl.float32)
     y = to_storage(relu_f32(acc, RELU_HW_MAX), out_ptr.dtype.element_ty, INTERPRET)
-    o_ptrs = (out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_LINEAR)[:, None]
+    o_ptrs = (out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_FLAT)[:, None]
               + cols.to(tl.int64)[None, :] * o_sc)
     tl.store(o_ptrs, y, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -228,7 +250,7 @@ def gemm_tile(
     r_sn, r_sh, r_sw, r_sc,
     o_sn, o_sh, o_sw, o_sc,
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
-    A1_LINEAR: tl.constexpr, A2_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
+    A1_FLAT: tl.constexpr, A2_FLAT: tl.constexpr, R_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
@@ -249,17 +271,17 @@ def gemm_tile(
     # after the products.
     if PREFETCH_EPILOGUE:
         if HAS_RESIDUAL:
-            residual = tl.load(res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw, R_LINEAR)[:, None]
+            residual = tl.load(res_ptr + row_offsets(rows_in, OH, OW, r_sn, r_sh, r_sw, R_FLAT)[:, None]
                                + cols_in.to(tl.int64)[None, :] * r_sc)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols_in)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = accumulate(acc, a1_ptr, w1_ptr, rows_in, cols_in, K1, OH, OW, a1_sn, a1_sh, a1_sw, a1_sk,
-                     w1_sn, w1_sk, A1_LINEAR, BLOCK_K, DOT_PRECISION, INTERPRET)
+                     w1_sn, w1_sk, A1_FLAT, BLOCK_K, DOT_PRECISION, INTERPRET)
     if HAS_A2:
         acc = accumulate(acc, a2_ptr, w2_ptr, rows_in, cols_in, K2, OH, OW, a2_sn, a2_sh, a2_sw, a2_sk,
-                         w2_sn, w2_sk, A2_LINEAR, BLOCK_K, DOT_PRECISION, INTERPRET)
+                         w2_sn, w2_sk, A2_FLAT, BLOCK_K, DOT_PRECISION, INTERPRET)
 
     if PREFETCH_EPILOGUE:
         if HAS_BIAS:
@@ -267,19 +289,19 @@ def gemm_tile(
         if HAS_RESIDUAL:
             acc += residual.to(tl.float32)
         finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
-               o_sn, o_sh, o_sw, o_sc, False, False, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
+               o_sn, o_sh, o_sw, o_sc, False, False, R_FLAT, O_FLAT, RELU_HW_MAX, INTERPRET)
     elif EPILOGUE_SPLIT:
         # Two BLOCK_N / 2 halves, one after the other: only half a residual tile is live beside the
         # accumulator, which lets 128 x 256 tiles run without spilling.
         left, right = column_halves(acc, BLOCK_M, BLOCK_N)
         half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
         finish(left, rows, half, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
-               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
+               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_FLAT, O_FLAT, RELU_HW_MAX, INTERPRET)
         finish(right, rows, half + BLOCK_N // 2, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw,
-               r_sc, o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
+               r_sc, o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_FLAT, O_FLAT, RELU_HW_MAX, INTERPRET)
     else:
         finish(acc, rows, cols, M, N, OH, OW, bias_ptr, res_ptr, out_ptr, r_sn, r_sh, r_sw, r_sc,
-               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_LINEAR, O_LINEAR, RELU_HW_MAX, INTERPRET)
+               o_sn, o_sh, o_sw, o_sc, HAS_BIAS, HAS_RESIDUAL, R_FLAT, O_FLAT, RELU_HW_MAX, INTERPRET)
 
 
 @triton.jit
@@ -354,7 +376,7 @@ def gemm_add_relu_kernel(
     o_sn, o_sh, o_sw, o_sc,
     M_CLASS,  # the autotuner's key only (m_class(M))
     HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PREFETCH_EPILOGUE: tl.constexpr,
-    A1_LINEAR: tl.constexpr, A2_LINEAR: tl.constexpr, R_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
+    A1_FLAT: tl.constexpr, A2_FLAT: tl.constexpr, R_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     TMA_READY: tl.constexpr, DOT_PRECISION: tl.constexpr, RELU_HW_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, TMA: tl.constexpr,
@@ -379,7 +401,7 @@ def gemm_add_relu_kernel(
                 gemm_tile(tile, a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2, OH, OW,
                           a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
                           r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
-                          False, A1_LINEAR, A2_LINEAR, R_LINEAR, O_LINEAR, DOT_PRECISION, RELU_HW_MAX, INTERPRET,
+                          False, A1_FLAT, A2_FLAT, R_FLAT, O_FLAT, DOT_PRECISION, RELU_HW_MAX, INTERPRET,
                           BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
     elif TMA:
         gemm_tile_tma(tl.program_id(0), a1_desc, w1_desc, a2_desc, w2_desc, r_desc, o_desc, bias_ptr,
@@ -390,7 +412,7 @@ def gemm_add_relu_kernel(
         gemm_tile(tl.program_id(0), a1_ptr, w1_ptr, a2_ptr, w2_ptr, bias_ptr, res_ptr, out_ptr, M, N, K1, K2,
                   OH, OW, a1_sn, a1_sh, a1_sw, a1_sk, w1_sn, w1_sk, a2_sn, a2_sh, a2_sw, a2_sk, w2_sn, w2_sk,
                   r_sn, r_sh, r_sw, r_sc, o_sn, o_sh, o_sw, o_sc, HAS_A2, HAS_BIAS, HAS_RESIDUAL,
-                  PREFETCH_EPILOGUE and not EPILOGUE_SPLIT, A1_LINEAR, A2_LINEAR, R_LINEAR, O_LINEAR,
+                  PREFETCH_EPILOGUE and not EPILOGUE_SPLIT, A1_FLAT, A2_FLAT, R_FLAT, O_FLAT,
                   DOT_PRECISION, RELU_HW_MAX, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EPILOGUE_SPLIT)
 
 
@@ -405,7 +427,7 @@ def _autotuned(configs):
     # Tuned per row-count class (M_CLASS, see m_class), N, K and row addressing (a strided 1x1 convolution
     # and a linear layer of the same sizes run different code).
     return triton.autotune(configs=configs,
-                           key=["M_CLASS", "N", "K1", "K2", "A1_LINEAR", "A2_LINEAR", "O_LINEAR", "TMA_READY"],
+                           key=["M_CLASS", "N", "K1", "K2", "A1_FLAT", "A2_FLAT", "O_FLAT", "TMA_READY"],
                            prune_configs_by={"early_config_prune": prune_configs})(gemm_add_relu_kernel)
 
 
@@ -431,7 +453,7 @@ def relu_grad_colsum_kernel(
     grad_ptr, out_ptr, gm_ptr, partial_ptr, M, N, OH, OW,
     g_sn, g_sh, g_sw, g_sc,
     o_sn, o_sh, o_sw, o_sc,
-    G_LINEAR: tl.constexpr, O_LINEAR: tl.constexpr,
+    G_FLAT: tl.constexpr, O_FLAT: tl.constexpr,
     HAS_COLSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """gm[m, n] = grad where not (out <= 0) else 0, written as a row-major [M, N] matrix (NHWC for
@@ -442,10 +464,10 @@ def relu_grad_colsum_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 pixel indices, int64 offsets
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inb = (rows[:, None] < M) & (cols[None, :] < N)
-    g = tl.load(grad_ptr + row_offsets(rows, OH, OW, g_sn, g_sh, g_sw, G_LINEAR)[:, None]
+    g = tl.load(grad_ptr + row_offsets(rows, OH, OW, g_sn, g_sh, g_sw, G_FLAT)[:, None]
                 + cols.to(tl.int64)[None, :] * g_sc,
                 mask=inb, other=0.0)
-    o = tl.load(out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_LINEAR)[:, None]
+    o = tl.load(out_ptr + row_offsets(rows, OH, OW, o_sn, o_sh, o_sw, O_FLAT)[:, None]
                 + cols.to(tl.int64)[None, :] * o_sc,
                 mask=inb, other=0.0).to(tl.float32)
     gm = tl.where(relu_keeps(o), g, tl.zeros_like(g))

@@ -65,7 +65,7 @@ def compile_variant(fn, args: dict, constexprs: dict, arch: int, num_warps: int,
 
 
 def add_relu_variants():
-    from fused_residual._kernels import add_relu as K
+    from fused_residual._kernels import add_relu as add_relu_kernels
 
     sizes = {n: "i32" for n in ("size1", "size2", "size3")}
     strides = {f"{t}_st{i}": "i64" for t in ("z", "s", "o", "g") for i in range(4)}
@@ -74,23 +74,23 @@ def add_relu_variants():
             for strided in (False, True):
                 for mask in (False, True):
                     layout = "strided" if strided else "flat"
-                    block = K.STRIDED_BLOCK if strided else K.BLOCK
+                    block = add_relu_kernels.STRIDED_BLOCK if strided else add_relu_kernels.BLOCK
                     extra = dict(sizes, **strides) if strided else {}
                     args = {"z_ptr": ptr, "skip_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "numel": "i32", **extra}
-                    fn = K.add_relu_fwd_strided_kernel if strided else K.add_relu_fwd_kernel
+                    fn = add_relu_kernels.add_relu_fwd_strided_kernel if strided else add_relu_kernels.add_relu_fwd_kernel
                     yield (f"add_relu_fwd/{dname}/sm{arch}/{layout}{'/mask' if mask else ''}",
                            lambda fn=fn, a=args, m=mask, arch=arch, b=block: compile_variant(
                                fn, {k: v for k, v in a.items() if k in fn.arg_names},
                                dict({"SAVE_MASK": m, "RELU_HW_MAX": True, "INTERPRET": False, "BLOCK": b},
                                     **({"INDEX64": False} if "INDEX64" in fn.arg_names else {})), arch,
-                               K.NUM_WARPS, divisible=("z_ptr", "skip_ptr", "out_ptr", "mask_ptr", "numel")))
+                               add_relu_kernels.NUM_WARPS, divisible=("z_ptr", "skip_ptr", "out_ptr", "mask_ptr", "numel")))
                     args = {"grad_ptr": ptr, "out_ptr": ptr, "mask_ptr": "*u8", "gin_ptr": ptr, "numel": "i32", **extra}
-                    fn = K.add_relu_bwd_strided_kernel if strided else K.add_relu_bwd_kernel
+                    fn = add_relu_kernels.add_relu_bwd_strided_kernel if strided else add_relu_kernels.add_relu_bwd_kernel
                     yield (f"add_relu_bwd/{dname}/sm{arch}/{layout}{'/mask' if mask else ''}",
                            lambda fn=fn, a=args, m=mask, arch=arch, b=block: compile_variant(
                                fn, {k: v for k, v in a.items() if k in fn.arg_names},
                                dict({"FROM_MASK": m, "BLOCK": b},
-                                    **({"INDEX64": False} if "INDEX64" in fn.arg_names else {})), arch, K.NUM_WARPS,
+                                    **({"INDEX64": False} if "INDEX64" in fn.arg_names else {})), arch, add_relu_kernels.NUM_WARPS,
                                divisible=("grad_ptr", "out_ptr", "mask_ptr", "gin_ptr", "numel")))
 
 
@@ -114,18 +114,18 @@ def tma_descriptors(cfg, ptr: str, dual: bool) -> tuple[dict, dict]:
 def gemm_variants():
     """The GEMM epilogue kernel as a linear layer would launch it (unit strides and OH = OW = 1 are
     specialised by triton at run time, so they are constexprs here), for every autotuning config."""
-    from fused_residual._kernels import gemm_add_relu as K
+    from fused_residual._kernels import gemm_add_relu as gemm_kernels
 
-    names = K.gemm_add_relu_kernel.arg_names
+    names = gemm_kernels.gemm_add_relu_kernel.arg_names
     unit = {"a1_sk": 1, "w1_sk": 1, "a2_sk": 1, "w2_sk": 1, "r_sc": 1, "o_sc": 1, "OH": 1, "OW": 1,
             "a1_sh": 0, "a1_sw": 0, "a2_sh": 0, "a2_sw": 0, "r_sh": 0, "r_sw": 0, "o_sh": 0, "o_sw": 0,
-            "A1_LINEAR": True, "A2_LINEAR": True, "R_LINEAR": True, "O_LINEAR": True}
+            "A1_FLAT": True, "A2_FLAT": True, "R_FLAT": True, "O_FLAT": True}
     for arch in ARCHS:
         for dname, ptr, precision in [("fp32", "*fp32", "tf32"), ("fp32-ieee", "*fp32", "ieee"),
                                       ("fp16", "*fp16", "ieee"), ("bf16", "*bf16", "ieee")]:
-            configs = K.CONFIG_SETS[K.config_set(4 if ptr == "*fp32" else 2, precision)]
+            configs = gemm_kernels.CONFIG_SETS[gemm_kernels.config_set(4 if ptr == "*fp32" else 2, precision)]
             for i, cfg in enumerate(configs):
-                if not K.runs_on(cfg, (arch // 10, arch % 10)):
+                if not gemm_kernels.runs_on(cfg, (arch // 10, arch % 10)):
                     continue
                 # Both products (every config); a single product too for the persistent configs, whose
                 # loop over tiles is flattened with the K loop only then.
@@ -140,34 +140,34 @@ def gemm_variants():
                         "M", "N", "K1", "K2", "a1_sn", "w1_sn", "a2_sn", "w2_sn", "r_sn", "o_sn") if n in args]
                     yield (f"gemm_add_relu/{dname}/sm{arch}/config{i}{'' if dual else '/single'}",
                            lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: dict(compile_variant(
-                               K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d),
+                               gemm_kernels.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d),
                                tma_config=cfg.kwargs["TMA"]))
         # 1x1 convolutions over NHWC tensors (OH, OW and the pixel strides known at run time only), with the
         # 128x128 config: dense tensors (rows addressed linearly, as for a linear layer), and a dual product
         # whose shortcut is read at stride 2 (that operand's rows need the pixel divisions).
-        cfg = K.CONFIG_SETS["16-bit"][1]
+        cfg = gemm_kernels.CONFIG_SETS["16-bit"][1]
         for name, dual in (("conv-nhwc", False), ("conv-strided-shortcut", True)):
             consts = dict(a1_sk=1, w1_sk=1, a2_sk=1, w2_sk=1, r_sc=1, o_sc=1, **tma_descriptors(cfg, "*bf16", dual)[1],
                           HAS_A2=dual, HAS_BIAS=True, TMA_READY=False,
-                          HAS_RESIDUAL=True, PREFETCH_EPILOGUE=True, A1_LINEAR=True, A2_LINEAR=not dual,
-                          R_LINEAR=True, O_LINEAR=True, DOT_PRECISION="ieee", RELU_HW_MAX=True, INTERPRET=False,
+                          HAS_RESIDUAL=True, PREFETCH_EPILOGUE=True, A1_FLAT=True, A2_FLAT=not dual,
+                          R_FLAT=True, O_FLAT=True, DOT_PRECISION="ieee", RELU_HW_MAX=True, INTERPRET=False,
                           **cfg.kwargs)
             args = {n: "*bf16" if n.endswith("_ptr") else "i32" for n in names if n not in consts}
             divisible = [n for n in args if n.endswith(("_ptr", "_sn", "_sh", "_sw")) or n in ("N", "K1", "K2")]
             yield (f"gemm_add_relu/bf16/sm{arch}/{name}",
                    lambda a=args, c=consts, arch=arch, cfg=cfg, d=divisible: compile_variant(
-                       K.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))
+                       gemm_kernels.gemm_add_relu_kernel, a, c, arch, cfg.num_warps, cfg.num_stages, divisible=d))
         for name, linear in (("linear", {"OH": 1, "OW": 1, "g_sh": 0, "g_sw": 0, "o_sh": 0, "o_sw": 0}),
                              ("nhwc", {})):
-            args = {n: "*fp32" if n == "partial_ptr" else "*bf16" for n in K.relu_grad_colsum_kernel.arg_names
+            args = {n: "*fp32" if n == "partial_ptr" else "*bf16" for n in gemm_kernels.relu_grad_colsum_kernel.arg_names
                     if n.endswith("_ptr")}
             args.update({n: "i32" for n in ("M", "N", "OH", "OW", "g_sn", "g_sh", "g_sw", "o_sn", "o_sh", "o_sw")
                          if n not in linear})
             yield (f"relu_grad_colsum/bf16/sm{arch}/{name}",
                    lambda a=args, arch=arch, c=linear: compile_variant(
-                       K.relu_grad_colsum_kernel, a,
-                       dict(c, g_sc=1, o_sc=1, G_LINEAR=True, O_LINEAR=True, HAS_COLSUM=True,
-                            BLOCK_M=K.GRAD_BLOCK_M, BLOCK_N=K.GRAD_BLOCK_N),
+                       gemm_kernels.relu_grad_colsum_kernel, a,
+                       dict(c, g_sc=1, o_sc=1, G_FLAT=True, O_FLAT=True, HAS_COLSUM=True,
+                            BLOCK_M=gemm_kernels.GRAD_BLOCK_M, BLOCK_N=gemm_kernels.GRAD_BLOCK_N),
                        arch, 4, divisible=[n for n in a if n.endswith("_ptr") or n in ("N", "g_sn", "o_sn")]))
 
 

@@ -6,23 +6,9 @@ import torch
 import fused_residual as fr
 from fused_residual.ops import add_relu as add_relu_ops
 from fused_residual import verify
-from helpers import DTYPES, LAYOUTS, assert_bitwise_equal, device_backend_params, layout, with_specials
-
-SHAPES = [(1,), (7,), (1000,), (3, 5, 7, 9), (2, 64, 14, 14), (2, 3, 2, 3, 2, 3)]
-# (z layout, skip layout, grad layout): equal layouts take the flat kernels, the rest the strided ones.
-LAYOUT_CASES = [(k, k, k) for k in LAYOUTS] + [
-    ("contiguous", "channels_last", "transposed"),
-    ("sliced", "transposed", "contiguous"),
-    ("channels_last", "contiguous", "sliced"),
-]
-
-
-def _cases():
-    for shape in SHAPES:
-        for case in LAYOUT_CASES:
-            if "channels_last" in case and len(shape) != 4:
-                continue  # channels_last exists for 4-D tensors only
-            yield pytest.param(shape, case, id=f"{'x'.join(map(str, shape))}-{'/'.join(case)}")
+from cases import (DTYPES, EMPTY_AND_SINGLE_SHAPES, device_backend_params, elementwise_layout_cases,
+                   layout)
+from helpers import assert_bitwise_equal, with_specials
 
 
 def _eager(z, skip, grad):
@@ -34,7 +20,7 @@ def _eager(z, skip, grad):
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layouts", list(_cases()))
+@pytest.mark.parametrize("shape,layouts", list(elementwise_layout_cases()))
 @pytest.mark.parametrize("mode", ["output", "mask", "inplace"])
 def test_bit_exact_with_eager(device, backend, dtype, shape, layouts, mode):
     """Forward, both gradients and the output layout, bit for bit (fused_residual.verify's check)."""
@@ -45,7 +31,7 @@ def test_bit_exact_with_eager(device, backend, dtype, shape, layouts, mode):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-@pytest.mark.parametrize("shape", [(0,), (0, 3), (1,), (1, 1, 1, 1)], ids=str)
+@pytest.mark.parametrize("shape", EMPTY_AND_SINGLE_SHAPES, ids=str)
 def test_empty_and_single_element(device, backend, shape):
     z = torch.randn(shape, device=device, requires_grad=True)
     skip = torch.randn(shape, device=device, requires_grad=True)

@@ -132,8 +132,8 @@ def test_cpp_kernels_refuse_mixed_dtypes():
         C.add_relu_bwd(f32, bf, None, torch.empty_like(bf))
     with pytest.raises(RuntimeError, match="bias_relu_rows_: bias is Float, expected BFloat16"):
         C.bias_relu_rows_(bf, torch.randn(6))
-    with pytest.raises(RuntimeError, match="masked_grad_colsum: out is BFloat16, expected Float"):
-        C.masked_grad_colsum(f32, bf, torch.empty_like(f32), None)
+    with pytest.raises(RuntimeError, match="relu_grad_colsum: out is BFloat16, expected Float"):
+        C.relu_grad_colsum(f32, bf, torch.empty_like(f32), None)
 
 
 def test_backward_runs_under_its_forward_backend_choice(monkeypatch):

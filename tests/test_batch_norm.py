@@ -10,20 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import fused_residual as fr
-from helpers import (DTYPES, assert_bitwise_equal, assert_close_to_ref, device_backend_params, poisoned)
+from cases import BN_CASES, DTYPES, bn_case_ids, device_backend_params
+from helpers import assert_bitwise_equal, assert_close_to_ref, poisoned
 
 OPS = torch.ops.fused_residual
-
-# (shape, memory format): NCHW, channels_last, the MLP block's 2-D (N, C), 3-D, awkward sizes
-CASES = [
-    ((4, 8, 5, 3), "contiguous"),
-    ((4, 8, 5, 3), "channels_last"),
-    ((3, 16, 7, 7), "channels_last"),
-    ((2, 3, 9, 11), "contiguous"),
-    ((33, 24), "contiguous"),
-    ((5, 6, 13), "contiguous"),
-    ((2, 1, 4, 4), "contiguous"),
-]
 
 
 def _layout(t, fmt):
@@ -58,7 +48,7 @@ def _eager(x, skip, rm, rv, w, b, training, momentum, eps, grad, dtype=None):
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,fmt", CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in CASES])
+@pytest.mark.parametrize("shape,fmt", BN_CASES, ids=bn_case_ids())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("with_skip", [True, False], ids=["add", "noadd"])
 @pytest.mark.parametrize("save", ["mask", "output"])
@@ -243,32 +233,6 @@ def test_bad_input_is_refused_before_anything_is_written():
                "batch and a channel dimension")
     _arg_error(lambda: fr.batch_norm_relu("x", rm, rv), TypeError, "x must be a torch.Tensor")
     assert torch.equal(rm, keep[0]) and torch.equal(rv, keep[1])
-
-
-@pytest.mark.parametrize("device,backend", device_backend_params())
-def test_opcheck(device, backend):
-    x = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
-    xc = torch.randn(3, 4, 5, 5, device=device).to(memory_format=torch.channels_last).requires_grad_()
-    skip = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
-    w = torch.rand(4, device=device, requires_grad=True)
-    b = torch.randn(4, device=device, requires_grad=True)
-    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
-    with fr.use_backend(backend):
-        out, mask, mean, invstd, _ = OPS.batch_norm_relu(x.detach(), w.detach(), b.detach(), None, None, True,
-                                                         1e-5, True)
-    g = torch.randn(3, 4, 5, 5, device=device)
-    samples = [
-        (OPS.batch_norm_relu.default, (x, w, b, rm, rv, True, 1e-5, True)),
-        (OPS.batch_norm_relu.default, (xc, None, None, rm, rv, False, 1e-5, False)),
-        (OPS.batch_norm_add_relu.default, (x, skip, w, b, None, None, True, 1e-5, True)),
-        (OPS.batch_norm_add_relu.default, (xc, skip, w, b, rm, rv, False, 1e-3, False)),
-        (OPS.batch_norm_relu_backward.default, (g, x.detach(), None, mask, mean, invstd, w.detach(), True, True,
-                                                True)),
-        (OPS.batch_norm_relu_backward.default, (g, x.detach(), out, None, mean, invstd, None, False, False, False)),
-    ]
-    with fr.use_backend(backend):
-        for op, args in samples:
-            torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

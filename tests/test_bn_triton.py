@@ -13,7 +13,8 @@ import torch
 
 from fused_residual import _triton, reference
 from fused_residual.ops import batch_norm as B
-from helpers import DTYPES, assert_bitwise_equal, assert_close_to_ref, devices
+from cases import BN_CASES, DTYPES, bn_case_ids, devices
+from helpers import assert_bitwise_equal, assert_close_to_ref
 
 triton_ok = _triton.status()[0] and (_triton.interpreting() or torch.cuda.is_available())
 pytestmark = pytest.mark.skipif(not triton_ok, reason="needs triton (interpreter on CPU or a CUDA GPU)")
@@ -27,20 +28,14 @@ def _devices():
     return ["cpu"] if _triton.interpreting() else [d for d in devices() if d == "cuda"]
 
 
-# (shape, memory format)
-CASES = [
-    ((4, 8, 5, 3), "contiguous"),  # numel 480
-    ((4, 8, 5, 3), "channels_last"),
-    ((3, 3, 7, 5), "contiguous"),  # C = 3, 7x5 planes, numel 315 (not a multiple of 8)
-    ((3, 3, 7, 5), "channels_last"),
-    ((5, 1, 3, 3), "contiguous"),  # C = 1
-    ((33, 24), "contiguous"),  # 2-D
+# (shape, memory format): the shared BatchNorm cases, and geometries that walk these kernels' tiles
+CASES = BN_CASES + [
+    ((3, 3, 7, 5), "channels_last"),  # C = 3, 7x5 planes, numel 315 (not a multiple of 8)
     ((7, 1), "contiguous"),  # 2-D, C = 1, numel 7
-    ((2, 5, 13), "contiguous"),  # 3-D
     ((2, 4, 30, 40), "contiguous"),  # planes of 1200 (several inner blocks per tile row... and tiles)
     ((3, 70, 2, 3), "channels_last"),  # C = 70: two channel blocks, the second partial
 ]
-IDS = [f"{'x'.join(map(str, s))}-{f}" for s, f in CASES]
+IDS = bn_case_ids(CASES)
 F32 = torch.float32
 
 

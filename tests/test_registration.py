@@ -1,4 +1,5 @@
-"""torch.library registration: opcheck, torch.compile(fullgraph=True) and torch.export."""
+"""torch.library registration: torch.compile(fullgraph=True) and torch.export (opcheck of every op:
+test_opcheck.py)."""
 
 import pytest
 import torch
@@ -6,34 +7,8 @@ import torch
 import fused_residual as fr
 from fused_residual import reference
 from fused_residual import verify
-from helpers import assert_bitwise_equal, device_backend_params
-
-OPS = torch.ops.fused_residual
-
-
-def _add_relu_samples(device):
-    z = torch.randn(3, 4, 5, 6, device=device, requires_grad=True)
-    s = torch.randn(3, 4, 5, 6, device=device, requires_grad=True)
-    zc = torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last).requires_grad_()
-    sc = torch.randn(2, 3, 4, 5, device=device).requires_grad_()
-    g = torch.randn(3, 4, 5, 6, device=device)
-    out = torch.relu(z.detach() + s.detach())
-    mask = fr.reference.pack_mask(out)
-    return [
-        (OPS.add_relu.default, (z, s)),
-        (OPS.add_relu.default, (zc, sc)),
-        (OPS.add_relu_with_mask.default, (z, s)),
-        (OPS.add_relu_.default, (z.detach().clone(), s.detach())),
-        (OPS.add_relu_backward.default, (g, out)),
-        (OPS.add_relu_mask_backward.default, (g, mask, list(out.stride()))),
-    ]
-
-
-@pytest.mark.parametrize("device,backend", device_backend_params())
-def test_opcheck(device, backend):
-    with fr.use_backend(backend):
-        for op, args in _add_relu_samples(device):
-            torch.library.opcheck(op, args)
+from cases import device_backend_params
+from helpers import assert_bitwise_equal
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

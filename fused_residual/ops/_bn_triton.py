@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .. import _triton
-from .add_relu import _device_guard, relu_uses_hw_max
+from ._registry import device_guard
+from .add_relu import relu_uses_hw_max
 
 # Programs a reduction aims for (channel blocks x splits): several per SM of a large GPU (132 on H100), so
 # that the first stage fills the machine while the second stage walks a short list of partials.
@@ -30,14 +31,14 @@ def _index64(numel: int, slack: int) -> bool:
     return numel + slack >= 2**31
 
 
-def _reduce_plan(K, numel: int, C: int, inner: int) -> dict:
+def _reduce_plan(bn_kernels, numel: int, C: int, inner: int) -> dict:
     """Tile shape and split of a reduction over [outer, C, inner] (see kernels/batch_norm.py)."""
     outer = numel // (C * inner)
     if inner == 1:  # channels_last / 2-D: a run of channels is contiguous
-        block_c, block_j = min(_next_pow2(C), K.MAX_BLOCK_C), 1
+        block_c, block_j = min(_next_pow2(C), bn_kernels.MAX_BLOCK_C), 1
     else:  # NCHW: a run of one plane is contiguous
-        block_c, block_j = 1, min(_next_pow2(inner), K.TILE)
-    block_o = max(1, min(K.TILE // (block_c * block_j), _next_pow2(outer)))
+        block_c, block_j = 1, min(_next_pow2(inner), bn_kernels.TILE)
+    block_o = max(1, min(bn_kernels.TILE // (block_c * block_j), _next_pow2(outer)))
     jb = -(-inner // block_j)
     tiles = -(-outer // block_o) * jb
     cblocks = -(-C // block_c)
@@ -55,17 +56,17 @@ def stats(x: torch.Tensor, C: int, inner: int, mean: torch.Tensor, var: torch.Te
     numel = x.numel()
     if numel == 0:
         return
-    K = _triton.kernels("batch_norm")
-    p = _reduce_plan(K, numel, C, inner)
-    with _device_guard(x):
+    bn_kernels = _triton.kernels("batch_norm")
+    p = _reduce_plan(bn_kernels, numel, C, inner)
+    with device_guard(x):
         part = torch.empty((p["splits"], 3, C), dtype=torch.float32, device=x.device)
-        K.bn_stats_partial_kernel[p["grid"]](
+        bn_kernels.bn_stats_partial_kernel[p["grid"]](
             x, part, p["outer"], C, inner, p["row_stride"], p["JB"], p["tiles"], p["tiles_per_split"],
             BLOCK_O=p["BLOCK_O"], BLOCK_C=p["BLOCK_C"], BLOCK_J=p["BLOCK_J"], INDEX64=p["INDEX64"],
-            num_warps=K.REDUCE_WARPS)
-        K.bn_stats_finish_kernel[(_triton.cdiv(C, K.FINISH_BLOCK_C),)](
-            x, part, mean, var, C, inner, p["splits"], BLOCK_C=K.FINISH_BLOCK_C, INDEX64=p["INDEX64"],
-            num_warps=K.FINISH_WARPS)
+            num_warps=bn_kernels.REDUCE_WARPS)
+        bn_kernels.bn_stats_finish_kernel[(_triton.cdiv(C, bn_kernels.FINISH_BLOCK_C),)](
+            x, part, mean, var, C, inner, p["splits"], BLOCK_C=bn_kernels.FINISH_BLOCK_C, INDEX64=p["INDEX64"],
+            num_warps=bn_kernels.FINISH_WARPS)
 
 
 def apply(x: torch.Tensor, skip: torch.Tensor | None, mean: torch.Tensor, scale: torch.Tensor,
@@ -74,13 +75,13 @@ def apply(x: torch.Tensor, skip: torch.Tensor | None, mean: torch.Tensor, scale:
     numel = out.numel()
     if numel == 0:
         return
-    K = _triton.kernels("batch_norm")
-    with _device_guard(out):
-        K.bn_apply_kernel[(_triton.cdiv(numel, K.APPLY_BLOCK),)](
+    bn_kernels = _triton.kernels("batch_norm")
+    with device_guard(out):
+        bn_kernels.bn_apply_kernel[(_triton.cdiv(numel, bn_kernels.APPLY_BLOCK),)](
             x, skip if skip is not None else x, mean, scale, shift, out, mask if mask is not None else out,
             numel, C, inner, HAS_SKIP=skip is not None, SAVE_MASK=mask is not None,
-            RELU_HW_MAX=relu_uses_hw_max(out.device), INTERPRET=_triton.interpreting(), BLOCK=K.APPLY_BLOCK,
-            INDEX64=_index64(numel, K.APPLY_BLOCK), num_warps=K.APPLY_WARPS)
+            RELU_HW_MAX=relu_uses_hw_max(out.device), INTERPRET=_triton.interpreting(), BLOCK=bn_kernels.APPLY_BLOCK,
+            INDEX64=_index64(numel, bn_kernels.APPLY_BLOCK), num_warps=bn_kernels.APPLY_WARPS)
 
 
 def bwd_reduce(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor | None,
@@ -90,17 +91,17 @@ def bwd_reduce(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None, mask
     if numel == 0:
         return
     assert out is not None or mask is not None
-    K = _triton.kernels("batch_norm")
-    p = _reduce_plan(K, numel, C, inner)
-    with _device_guard(x):
+    bn_kernels = _triton.kernels("batch_norm")
+    p = _reduce_plan(bn_kernels, numel, C, inner)
+    with device_guard(x):
         part = torch.empty((p["splits"], 2, C), dtype=torch.float32, device=x.device)
-        K.bn_bwd_reduce_partial_kernel[p["grid"]](
+        bn_kernels.bn_bwd_reduce_partial_kernel[p["grid"]](
             dy, x, out if out is not None else x, mask if mask is not None else x, mean, part, p["outer"], C,
             inner, p["row_stride"], p["JB"], p["tiles"], p["tiles_per_split"], FROM_MASK=mask is not None,
             BLOCK_O=p["BLOCK_O"], BLOCK_C=p["BLOCK_C"], BLOCK_J=p["BLOCK_J"], INDEX64=p["INDEX64"],
-            num_warps=K.REDUCE_WARPS)
-        K.bn_bwd_reduce_finish_kernel[(_triton.cdiv(C, K.FINISH_BLOCK_C),)](
-            part, sum_g, sum_gx, C, p["splits"], BLOCK_C=K.FINISH_BLOCK_C, num_warps=K.FINISH_WARPS)
+            num_warps=bn_kernels.REDUCE_WARPS)
+        bn_kernels.bn_bwd_reduce_finish_kernel[(_triton.cdiv(C, bn_kernels.FINISH_BLOCK_C),)](
+            part, sum_g, sum_gx, C, p["splits"], BLOCK_C=bn_kernels.FINISH_BLOCK_C, num_warps=bn_kernels.FINISH_WARPS)
 
 
 def bwd_apply(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor | None,
@@ -111,10 +112,10 @@ def bwd_apply(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None, mask:
     if numel == 0:
         return
     assert out is not None or mask is not None
-    K = _triton.kernels("batch_norm")
-    with _device_guard(dx):
-        K.bn_bwd_apply_kernel[(_triton.cdiv(numel, K.APPLY_BLOCK),)](
+    bn_kernels = _triton.kernels("batch_norm")
+    with device_guard(dx):
+        bn_kernels.bn_bwd_apply_kernel[(_triton.cdiv(numel, bn_kernels.APPLY_BLOCK),)](
             dy, x, out if out is not None else x, mask if mask is not None else x, mean, a, b, d, dx,
             dskip if dskip is not None else dx, numel, C, inner, FROM_MASK=mask is not None,
-            HAS_DSKIP=dskip is not None, INTERPRET=_triton.interpreting(), BLOCK=K.APPLY_BLOCK,
-            INDEX64=_index64(numel, K.APPLY_BLOCK), num_warps=K.APPLY_WARPS)
+            HAS_DSKIP=dskip is not None, INTERPRET=_triton.interpreting(), BLOCK=bn_kernels.APPLY_BLOCK,
+            INDEX64=_index64(numel, bn_kernels.APPLY_BLOCK), num_warps=bn_kernels.APPLY_WARPS)

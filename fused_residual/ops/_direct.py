@@ -1,23 +1,20 @@
-"""The eager fast path: plain tensors in plain eager mode skip the dispatcher round trips of ``custom_op``.
+"""When a call may skip the dispatcher (the eager fast path of ``fused_residual.ops._registry``).
 
 A ``torch.library.custom_op`` call hops Python -> dispatcher -> Python autograd kernel -> dispatcher ->
-Python implementation, and ``register_autograd`` wraps the backward again: tens of microseconds per call on
-ops whose kernels may take a few (``fused-residual bench overhead`` measures both paths). The public
-functions therefore run the same implementation and the same autograd formulas through a
-``torch.autograd.Function`` when nothing but autograd needs to see the call: :func:`plain_eager` says when
-that is. Everywhere else (torch.compile and torch.export tracing, torch.jit.trace, fake / functional /
-subclass / meta tensors, lazily negated or conjugated views, TorchFunction and TorchDispatch modes, the
-profiler) they call ``torch.ops.fused_residual.*``, so compiled graphs, exported programs and traces see the
-registered ops. Under forward-mode AD and functorch transforms (vmap, torch.func.grad / jvp), which the ops
-have no rules for, they compute with the eager formulas of ``fused_residual.reference``.
-(``torch.set_default_device`` installs a TorchFunction mode, so under it every call takes the registered
-op.) Both paths run the same
-code on the same backend, so their results are bit-identical (tests/test_registration.py checks it).
+Python implementation, and ``register_autograd`` wraps the backward again (``fused-residual bench
+overhead`` measures both paths). The ops' call path therefore runs the same implementation and the same
+autograd formulas through a ``torch.autograd.Function`` when nothing but autograd needs to see the call:
+:func:`plain_eager` says when that is. Everywhere else (torch.compile and torch.export tracing,
+torch.jit.trace, fake / functional / subclass / meta tensors, lazily negated or conjugated views,
+TorchFunction and TorchDispatch modes, the profiler) calls take ``torch.ops.fused_residual.*``, so compiled
+graphs, exported programs and traces see the registered ops (``torch.set_default_device`` installs a
+TorchFunction mode, so under it every call takes the registered op). Under forward-mode AD and functorch
+transforms (vmap, torch.func.grad / jvp), which the ops have no rules for, :func:`transformed` is true and
+calls compute with the eager formulas. Both paths run the same code on the same backend, so their results
+are bit-identical (tests/test_registration.py checks it).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -42,25 +39,6 @@ def plain_eager(*tensors) -> bool:
                 or _forward_ad._current_level >= 0)
 
 
-def function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
-    """An autograd Function running ``impl`` forward, with the op's ``register_autograd`` formulas."""
-
-    def forward(ctx, *args):
-        output = impl(*args)
-        setup_context(ctx, args, output)
-        return output
-
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
-        "__doc__": f"The eager fast path of ``torch.ops.fused_residual.{name}`` (see fused_residual.ops._direct).",
-    })
-
-
-def _tensors(args):
-    return [a for a in args if isinstance(a, torch.Tensor)]
-
-
 def transformed() -> bool:
     """Whether forward-mode AD or a functorch transform (``torch.func.grad``/``jvp``/``vmap``; not
     ``functionalize``) is active outside compilation: the custom ops have no forward-mode or functorch
@@ -77,27 +55,3 @@ def transformed() -> bool:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     return any(i.key() != TransformType.Functionalize for i in retrieve_all_functorch_interpreters())
-
-
-def run(op, fn: type[torch.autograd.Function], impl, reference, *args):
-    """A public function's call: ``op`` (the registered op) unless :func:`plain_eager`; there ``fn`` when
-    autograd has to record the call, else ``impl`` itself. Under a transform (:func:`transformed`):
-    ``reference``, the eager formula, with a warning (once per call site) that the call is not fused."""
-    tensors = _tensors(args)
-    if not plain_eager(*tensors):
-        if transformed():
-            warnings.warn(f"fused_residual: {op} under forward-mode AD or a torch.func transform runs the eager "
-                          "formulas (the fused ops have no rules for those)", stacklevel=3)
-            return reference(*args)
-        return op(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return fn.apply(*args)
-    return impl(*args)
-
-
-def call(op, impl, *args):
-    """Inside autograd formulas: the registered op where autograd must record it (double backward,
-    ``create_graph=True``) or a tracer must see it, the implementation directly otherwise."""
-    if torch.is_grad_enabled() or not plain_eager(*_tensors(args)):
-        return op(*args)
-    return impl(*args)

@@ -8,21 +8,20 @@ Ops (namespace ``fused_residual``):
 * ``add_relu_backward(grad, out) -> grad_in``      grad where not (out <= 0), in out's layout
 * ``add_relu_mask_backward(grad, mask, out_stride) -> grad_in``  the same from the packed gate
 
-The two backward ops have autograd of their own (they are linear in ``grad``), so double backward works.
-They are ``custom_op`` s, opaque to torch.compile and torch.export, which keeps one implementation (and one
-backend switch) for eager, compiled and exported code, and works under the Triton interpreter.
+Each op is declared once as an ``OpSpec`` (``fused_residual.ops._registry``) and called through its
+``RegisteredOp``. The two backward ops have autograd of their own (they are linear in ``grad``), so double
+backward works. The kernels: ``kernels/add_relu.py`` (Triton) and ``kernels/csrc/cpu_kernels.h`` (C++).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 
 from .. import _alloc, _backend, _checks, _cpp, _triton, reference
-from . import _direct
 from .._layout import is_dense, is_dense_layout, iteration_space, same_dense_layout
+from ._registry import AUTOCAST_KEYS, OpSpec, device_guard, dispatch, impl_autograd, register
 
 # ---------------------------------------------------------------------------------------------------------
 # Eager's ReLU (clamp_min) is `x < 0 ? 0 : x` on CPU, which keeps -0.0, and `fmaxf(x, 0)` (after a NaN
@@ -49,12 +48,6 @@ def _check(op: str, z: torch.Tensor, skip: torch.Tensor) -> None:
 # Triton launchers
 
 
-def _device_guard(t: torch.Tensor):
-    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _index64(numel: int, block: int) -> bool:
     """Whether the strided kernels need int64 element indices (int32 ones divide faster)."""
     return numel + block >= 2**31
@@ -65,16 +58,16 @@ def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask
     numel = out.numel()
     if numel == 0:
         return
-    K = _triton.kernels("add_relu")
+    kernels = _triton.kernels("add_relu")
     flags = dict(SAVE_MASK=mask is not None, RELU_HW_MAX=relu_uses_hw_max(out.device),
-                 INTERPRET=_triton.interpreting(), num_warps=K.NUM_WARPS)
+                 INTERPRET=_triton.interpreting(), num_warps=kernels.NUM_WARPS)
     mask_arg = mask if mask is not None else out
     if same_dense_layout(out, z, skip):
-        with _device_guard(out):
-            K.add_relu_fwd_kernel[(_triton.cdiv(numel, K.BLOCK),)](z, skip, out, mask_arg, numel, BLOCK=K.BLOCK,
+        with device_guard(out):
+            kernels.add_relu_fwd_kernel[(_triton.cdiv(numel, kernels.BLOCK),)](z, skip, out, mask_arg, numel, BLOCK=kernels.BLOCK,
                                                                   **flags)
         return
-    space = iteration_space(out, z, skip, max_dims=K.MAX_DIMS)
+    space = iteration_space(out, z, skip, max_dims=kernels.MAX_DIMS)
     if space is None:  # more than 4 non-mergeable dims: run the flat kernel on dense copies
         dense = out if is_dense(out) else torch.empty_like(out)
         _triton_forward(torch.empty_like(dense).copy_(z), torch.empty_like(dense).copy_(skip), dense, mask)
@@ -82,10 +75,10 @@ def _triton_forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask
             out.copy_(dense)
         return
     sizes, (o_st, z_st, s_st) = space
-    with _device_guard(out):
-        K.add_relu_fwd_strided_kernel[(_triton.cdiv(numel, K.STRIDED_BLOCK),)](
+    with device_guard(out):
+        kernels.add_relu_fwd_strided_kernel[(_triton.cdiv(numel, kernels.STRIDED_BLOCK),)](
             z, skip, out, mask_arg, numel, sizes[1], sizes[2], sizes[3], *z_st, *s_st, *o_st,
-            BLOCK=K.STRIDED_BLOCK, INDEX64=_index64(numel, K.STRIDED_BLOCK), **flags)
+            BLOCK=kernels.STRIDED_BLOCK, INDEX64=_index64(numel, kernels.STRIDED_BLOCK), **flags)
 
 
 def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor | None,
@@ -94,56 +87,62 @@ def _triton_backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.T
     numel = gin.numel()
     if numel == 0:
         return
-    K = _triton.kernels("add_relu")
+    kernels = _triton.kernels("add_relu")
     gate = out if out is not None else gin
     mask_arg = mask if mask is not None else gin
     if same_dense_layout(gin, grad):
-        with _device_guard(gin):
-            K.add_relu_bwd_kernel[(_triton.cdiv(numel, K.BLOCK),)](
-                grad, gate, mask_arg, gin, numel, FROM_MASK=mask is not None, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
+        with device_guard(gin):
+            kernels.add_relu_bwd_kernel[(_triton.cdiv(numel, kernels.BLOCK),)](
+                grad, gate, mask_arg, gin, numel, FROM_MASK=mask is not None, BLOCK=kernels.BLOCK, num_warps=kernels.NUM_WARPS)
         return
-    space = iteration_space(gin, grad, max_dims=K.MAX_DIMS)
+    space = iteration_space(gin, grad, max_dims=kernels.MAX_DIMS)
     if space is None:  # more than 4 non-mergeable dims: bring grad into gin's layout first
         _triton_backward(torch.empty_like(gin).copy_(grad), out, mask, gin)
         return
     sizes, (gin_st, g_st) = space
-    with _device_guard(gin):
-        K.add_relu_bwd_strided_kernel[(_triton.cdiv(numel, K.STRIDED_BLOCK),)](
+    with device_guard(gin):
+        kernels.add_relu_bwd_strided_kernel[(_triton.cdiv(numel, kernels.STRIDED_BLOCK),)](
             grad, gate, mask_arg, gin, numel, sizes[1], sizes[2], sizes[3], *g_st, *gin_st,
-            FROM_MASK=mask is not None, BLOCK=K.STRIDED_BLOCK, INDEX64=_index64(numel, K.STRIDED_BLOCK),
-            num_warps=K.NUM_WARPS)
+            FROM_MASK=mask is not None, BLOCK=kernels.STRIDED_BLOCK, INDEX64=_index64(numel, kernels.STRIDED_BLOCK),
+            num_warps=kernels.NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Backend dispatch (real implementations)
 
 
-def _forward(z: torch.Tensor, skip: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """out = relu(z + skip) on the backend in effect (out may be z); mask, if given, gets the gate."""
-    backend = _backend.resolve(z.device)
-    if backend == "cpp":
-        _cpp.module().add_relu_fwd(z, skip, out, mask)
-    elif backend == "triton":
-        _triton_forward(z, skip, out, mask)
-    else:
-        out.copy_(reference.add_relu(z, skip))
-        if mask is not None:
-            mask.copy_(reference.pack_mask(out))
+def _eager_forward(z, skip, out, mask) -> None:
+    out.copy_(reference.add_relu(z, skip))
+    if mask is not None:
+        mask.copy_(reference.pack_mask(out))
 
 
-def _backward(grad: torch.Tensor, out: torch.Tensor | None, mask: torch.Tensor | None, gin: torch.Tensor) -> None:
-    """gin = grad gated by out (same layout as gin) or by the packed mask (gin's storage order)."""
-    backend = _backend.resolve(gin.device)
-    if backend == "cpp":
-        _cpp.module().add_relu_bwd(grad, out, mask, gin)
-    elif backend == "triton":
-        _triton_backward(grad, out, mask, gin)
-    elif out is not None:
+def _eager_backward(grad, out, mask, gin) -> None:
+    if out is not None:
         gin.copy_(reference.relu_backward(grad, out))
-    else:
-        keep = reference.unpack_mask(mask, gin.numel())
-        grad_in_order = reference.storage_order(torch.empty_like(gin).copy_(grad))
-        reference.storage_order(gin).copy_(torch.where(keep, grad_in_order, 0))
+        return
+    keep = reference.unpack_mask(mask, gin.numel())
+    grad_in_order = reference.storage_order(torch.empty_like(gin).copy_(grad))
+    reference.storage_order(gin).copy_(torch.where(keep, grad_in_order, 0))
+
+
+# forward(z, skip, out, mask): out = relu(z + skip) (out may be z); mask, if given, gets the packed gate.
+# backward(grad, out, mask, gin): gin = grad gated by out (same layout as gin) or by the packed mask (gin's
+# storage order).
+FORWARD = {"triton": _triton_forward, "cpp": lambda *a: _cpp.module().add_relu_fwd(*a), "eager": _eager_forward}
+BACKWARD = {"triton": _triton_backward, "cpp": lambda *a: _cpp.module().add_relu_bwd(*a), "eager": _eager_backward}
+
+
+def _forward(z, skip, out, mask) -> None:
+    dispatch(FORWARD, z.device)(z, skip, out, mask)
+
+
+def _backward(grad, out, mask, gin) -> None:
+    dispatch(BACKWARD, gin.device)(grad, out, mask, gin)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ops: implementations and fake impls
 
 
 def _add_relu(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -153,11 +152,7 @@ def _add_relu(z: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return out
 
 
-add_relu = torch.library.custom_op("fused_residual::add_relu", _add_relu, mutates_args=())
-
-
-@add_relu.register_fake
-def _(z, skip):
+def _add_relu_fake(z, skip):
     _check("add_relu", z, skip)
     return torch.empty_like(z)
 
@@ -170,14 +165,14 @@ def _add_relu_with_mask(z: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tens
     return out, mask
 
 
-add_relu_with_mask = torch.library.custom_op("fused_residual::add_relu_with_mask", _add_relu_with_mask,
-                                             mutates_args=())
-
-
-@add_relu_with_mask.register_fake
-def _(z, skip):
+def _add_relu_with_mask_fake(z, skip):
     _check("add_relu", z, skip)
     return torch.empty_like(z), z.new_empty(mask_numel(z.numel()), dtype=torch.uint8)
+
+
+def _add_relu_with_mask_reference(z, skip):
+    out = reference.add_relu(z, skip)
+    return out, reference.pack_mask(out)
 
 
 def _add_relu_inplace(z: torch.Tensor, skip: torch.Tensor) -> None:
@@ -186,11 +181,7 @@ def _add_relu_inplace(z: torch.Tensor, skip: torch.Tensor) -> None:
     _forward(z, skip, z, None)
 
 
-add_relu_inplace = torch.library.custom_op("fused_residual::add_relu_", _add_relu_inplace, mutates_args=("z",))
-
-
-@add_relu_inplace.register_fake
-def _(z, skip):
+def _add_relu_inplace_fake(z, skip):
     _check("add_relu_", z, skip)
 
 
@@ -203,12 +194,7 @@ def _add_relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return gin
 
 
-add_relu_backward = torch.library.custom_op("fused_residual::add_relu_backward", _add_relu_backward,
-                                            mutates_args=())
-
-
-@add_relu_backward.register_fake
-def _(grad, out):
+def _add_relu_backward_fake(grad, out):
     _check("add_relu_backward", grad, out)
     return torch.empty_like(out)
 
@@ -230,33 +216,32 @@ def _add_relu_mask_backward(grad: torch.Tensor, mask: torch.Tensor, out_stride: 
     return gin
 
 
-add_relu_mask_backward = torch.library.custom_op("fused_residual::add_relu_mask_backward", _add_relu_mask_backward,
-                                                 mutates_args=())
-
-
-@add_relu_mask_backward.register_fake
-def _(grad, mask, out_stride):
+def _add_relu_mask_backward_fake(grad, mask, out_stride):
     _check_mask(grad, mask, out_stride, layout=False)  # no data-dependent sorting of symbolic strides
     return torch.empty_strided(grad.shape, out_stride, dtype=grad.dtype, device=grad.device)
 
 
+def _mask_backward_reference(grad, mask, out_stride):
+    gin = torch.empty_strided(grad.shape, out_stride, dtype=grad.dtype, device=grad.device)
+    _eager_backward(grad, None, mask, gin)
+    return gin
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd. The two backward ops are linear in ``grad``, so they have autograd of their own (double
+# backward).
 
 
-@_backend.records_backend
 def _setup_output(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-@_backend.under_forward_backend
 def _backward_output(ctx, grad):
     (out,) = ctx.saved_tensors
-    gin = _direct.call(add_relu_backward, _add_relu_backward, grad, out)
+    gin = ADD_RELU_BACKWARD.inside_autograd(grad, out)
     return gin, gin
 
 
-@_backend.records_backend
 def _setup_mask(ctx, inputs, output):
     out, mask = output
     ctx.mark_non_differentiable(mask)
@@ -264,49 +249,43 @@ def _setup_mask(ctx, inputs, output):
     ctx.out_stride = out.stride()
 
 
-@_backend.under_forward_backend
 def _backward_mask(ctx, grad, _grad_mask):
     (mask,) = ctx.saved_tensors
-    gin = _direct.call(add_relu_mask_backward, _add_relu_mask_backward, grad, mask, ctx.out_stride)
+    gin = ADD_RELU_MASK_BACKWARD.inside_autograd(grad, mask, ctx.out_stride)
     return gin, gin
 
 
-@_backend.records_backend
 def _setup_backward(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
 
 
-@_backend.under_forward_backend
 def _backward_of_backward(ctx, grad):
     (out,) = ctx.saved_tensors
-    return add_relu_backward(grad, out), None
+    return ADD_RELU_BACKWARD.op(grad, out), None
 
 
-@_backend.records_backend
 def _setup_mask_backward(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
     ctx.out_stride = inputs[2]
 
 
-@_backend.under_forward_backend
 def _backward_of_mask_backward(ctx, grad):
     (mask,) = ctx.saved_tensors
-    return add_relu_mask_backward(grad, mask, ctx.out_stride), None, None
+    return ADD_RELU_MASK_BACKWARD.op(grad, mask, ctx.out_stride), None, None
 
 
-add_relu.register_autograd(_backward_output, setup_context=_setup_output)
-add_relu_with_mask.register_autograd(_backward_mask, setup_context=_setup_mask)
-add_relu_backward.register_autograd(_backward_of_backward, setup_context=_setup_backward)
-add_relu_mask_backward.register_autograd(_backward_of_mask_backward, setup_context=_setup_mask_backward)
+# ---------------------------------------------------------------------------------------------------------
+# The in-place op: a mutating custom op cannot carry ``register_autograd``; its autograd kernel records
+# :class:`AddReLUInplaceFunction` instead, and its autocast kernel adds mixed dtypes as eager does.
 
 
-class AddReLUInplace(torch.autograd.Function):
-    """Autograd for ``add_relu_`` when z or skip needs a gradient (a mutating custom op cannot carry
-    ``register_autograd``): runs the in-place op, marks z dirty and keeps z (now the output) for backward."""
+class AddReLUInplaceFunction(torch.autograd.Function):
+    """Autograd for ``add_relu_`` when z or skip needs a gradient: runs the in-place op, marks z dirty and
+    keeps z (now the output) for backward."""
 
     @staticmethod
     def forward(ctx, z, skip):
-        _direct.call(add_relu_inplace, _add_relu_inplace, z, skip)
+        ADD_RELU_INPLACE.inside_autograd(z, skip)  # grad mode is off here: the implementation directly
         ctx.mark_dirty(z)
         ctx.save_for_backward(z)
         _backend.remember(ctx)
@@ -316,7 +295,7 @@ class AddReLUInplace(torch.autograd.Function):
     @_backend.under_forward_backend
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        gin = _direct.call(add_relu_backward, _add_relu_backward, grad, out)
+        gin = ADD_RELU_BACKWARD.inside_autograd(grad, out)
         return gin, gin
 
 
@@ -331,30 +310,15 @@ def check_inplace_autograd(z: torch.Tensor) -> None:
 
 
 def _add_relu_inplace_autograd(keyset, z, skip):
-    """The op's autograd kernel. A mutating custom op cannot ``register_autograd``, and without this kernel
-    a direct ``torch.ops.fused_residual.add_relu_`` call (or the bare op node that ``torch.export`` leaves
-    of ``fused_residual.add_relu_``) would keep z's old grad_fn: gradients as if no ReLU had run. Where a
-    gradient is needed it records :class:`AddReLUInplace`, whose forward runs the op with grad mode off."""
+    """The op's autograd kernel. Without it a direct ``torch.ops.fused_residual.add_relu_`` call (or the bare
+    op node that ``torch.export`` leaves of ``fused_residual.add_relu_``) would keep z's old grad_fn:
+    gradients as if no ReLU had run. Where a gradient is needed it records :class:`AddReLUInplaceFunction`,
+    whose forward runs the op with grad mode off."""
     if torch.is_grad_enabled() and (z.requires_grad or skip.requires_grad):
         check_inplace_autograd(z)
-        AddReLUInplace.apply(z, skip)
+        AddReLUInplaceFunction.apply(z, skip)
         return None
-    return torch.ops.fused_residual.add_relu_.default.redispatch(keyset & torch._C._after_autograd_keyset, z, skip)
-
-
-# Kernels added to the custom ops (autograd for add_relu_, autocast for it and the GEMM ops). allow_override:
-# custom_op registered an Autograd kernel of its own, which older torch releases refuse to replace by default.
-_impl_lib = torch.library.Library("fused_residual", "IMPL")
-_impl_lib.impl("add_relu_", _add_relu_inplace_autograd, "Autograd", with_keyset=True, allow_override=True)
-
-AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-                 | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA))
-
-
-def impl_autocast(name: str, kernel) -> None:
-    """Register ``kernel(keyset, *args)`` as op ``name``'s autocast kernel on CPU and CUDA."""
-    for key in ("AutocastCPU", "AutocastCUDA"):
-        _impl_lib.impl(name, kernel, key, with_keyset=True)
+    return ADD_RELU_INPLACE.overload.redispatch(keyset & torch._C._after_autograd_keyset, z, skip)
 
 
 def mixed_dtypes(z: torch.Tensor, skip: torch.Tensor) -> bool:
@@ -380,13 +344,25 @@ def _add_relu_inplace_autocast(keyset, z, skip):
         if mixed_dtypes(z, skip):
             add_relu_mixed_(z, skip)
         else:
-            torch.ops.fused_residual.add_relu_(z, skip)
+            ADD_RELU_INPLACE.overload(z, skip)
 
 
-impl_autocast("add_relu_", _add_relu_inplace_autocast)
+# ---------------------------------------------------------------------------------------------------------
+# Specs
 
-
-# The eager fast path of the two forward ops (fused_residual.ops._direct): the same implementation and
-# autograd formulas without the dispatcher round trips.
-AddReLU = _direct.function("add_relu", _add_relu, _setup_output, _backward_output)
-AddReLUWithMask = _direct.function("add_relu_with_mask", _add_relu_with_mask, _setup_mask, _backward_mask)
+ADD_RELU = register(OpSpec(
+    "add_relu", _add_relu, _add_relu_fake, _setup_output, _backward_output,
+    reference=reference.add_relu, lowering=reference.add_relu))
+ADD_RELU_WITH_MASK = register(OpSpec(
+    "add_relu_with_mask", _add_relu_with_mask, _add_relu_with_mask_fake, _setup_mask, _backward_mask,
+    reference=_add_relu_with_mask_reference))  # under compile, add_relu lowers (the mask is autograd's)
+ADD_RELU_INPLACE = register(OpSpec(
+    "add_relu_", _add_relu_inplace, _add_relu_inplace_fake, autocast=_add_relu_inplace_autocast,
+    mutates_args=("z",)))
+impl_autograd("add_relu_", _add_relu_inplace_autograd)
+ADD_RELU_BACKWARD = register(OpSpec(
+    "add_relu_backward", _add_relu_backward, _add_relu_backward_fake, _setup_backward, _backward_of_backward,
+    reference=reference.relu_backward))
+ADD_RELU_MASK_BACKWARD = register(OpSpec(
+    "add_relu_mask_backward", _add_relu_mask_backward, _add_relu_mask_backward_fake, _setup_mask_backward,
+    _backward_of_mask_backward, reference=_mask_backward_reference))

@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import math
 import types
+from typing import Optional  # custom-op signatures: Optional, which every torch's infer_schema knows
 
 import torch
 
 from .. import _alloc, _backend, _checks, _cpp, reference
-from . import _direct
-
-OPS = "fused_residual"
+from ._registry import OpSpec, dispatch, register
 
 
 def mask_numel(numel: int) -> int:
@@ -131,21 +130,27 @@ EAGER = types.SimpleNamespace(stats=_eager_stats, apply=_eager_apply, bwd_reduce
                               bwd_apply=_eager_bwd_apply)
 
 
+def _triton_primitives():
+    from . import _bn_triton
+
+    return _bn_triton
+
+
+def _cpp_primitives():
+    m = _cpp.module()
+    if not hasattr(m, "bn_stats"):
+        raise _backend.BackendUnavailable("the 'cpp' backend was built without the BatchNorm kernels: "
+                                          "rebuild it (pip install --no-build-isolation -e .)")
+    return types.SimpleNamespace(stats=m.bn_stats, apply=m.bn_apply, bwd_reduce=m.bn_bwd_reduce,
+                                 bwd_apply=m.bn_bwd_apply)
+
+
+PRIMITIVES = {"triton": _triton_primitives, "cpp": _cpp_primitives, "eager": lambda: EAGER}
+
+
 def primitives(device: torch.device):
     """The four primitives of the backend in effect for ``device``."""
-    backend = _backend.resolve(device)
-    if backend == "triton":
-        from . import _bn_triton
-
-        return _bn_triton
-    if backend == "cpp":
-        m = _cpp.module()
-        if not hasattr(m, "bn_stats"):
-            raise _backend.BackendUnavailable("the 'cpp' backend was built without the BatchNorm kernels: "
-                                              "rebuild it (pip install --no-build-isolation -e .)")
-        return types.SimpleNamespace(stats=m.bn_stats, apply=m.bn_apply, bwd_reduce=m.bn_bwd_reduce,
-                                     bwd_apply=m.bn_bwd_apply)
-    return EAGER
+    return dispatch(PRIMITIVES, device)()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,40 +221,28 @@ def _fake_outputs(x, save_mask: bool):
     return out, mask, x.new_empty(C, **f32), x.new_empty(C, **f32), x.new_empty(C, **f32)
 
 
-def _batch_norm_relu(x, weight, bias, running_mean, running_var, training, eps, save_mask):
+def _batch_norm_relu(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                     eps: float, save_mask: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check("batch_norm_relu", x, None, running_mean, running_var, weight, bias, training)
     return _forward(x, None, weight, bias, running_mean, running_var, training, eps, save_mask)
 
 
-def _batch_norm_add_relu(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask):
+def _batch_norm_add_relu(x: torch.Tensor, skip: torch.Tensor, weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                         running_var: Optional[torch.Tensor], training: bool, eps: float, save_mask: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check("batch_norm_add_relu", x, skip, running_mean, running_var, weight, bias, training)
     return _forward(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
 
 
-@torch.library.custom_op(f"{OPS}::batch_norm_relu", mutates_args=())
-def batch_norm_relu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                    eps: float, save_mask: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    check("batch_norm_relu", x, None, running_mean, running_var, weight, bias, training)
-    return _batch_norm_relu(x, weight, bias, running_mean, running_var, training, eps, save_mask)
-
-
-@batch_norm_relu.register_fake
-def _(x, weight, bias, running_mean, running_var, training, eps, save_mask):
+def _batch_norm_relu_fake(x, weight, bias, running_mean, running_var, training, eps, save_mask):
     check("batch_norm_relu", x, None, running_mean, running_var, weight, bias, training)
     return _fake_outputs(x, save_mask)
 
 
-@torch.library.custom_op(f"{OPS}::batch_norm_add_relu", mutates_args=())
-def batch_norm_add_relu(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor | None,
-                        bias: torch.Tensor | None, running_mean: torch.Tensor | None,
-                        running_var: torch.Tensor | None, training: bool, eps: float, save_mask: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    check("batch_norm_add_relu", x, skip, running_mean, running_var, weight, bias, training)
-    return _batch_norm_add_relu(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
-
-
-@batch_norm_add_relu.register_fake
-def _(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask):
+def _batch_norm_add_relu_fake(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask):
     check("batch_norm_add_relu", x, skip, running_mean, running_var, weight, bias, training)
     return _fake_outputs(x, save_mask)
 
@@ -274,17 +267,11 @@ def _check_backward(grad, x, out, mask, mean, invstd):
                              f"{tuple(t.shape)}")
 
 
-@torch.library.custom_op(f"{OPS}::batch_norm_relu_backward", mutates_args=())
-def batch_norm_relu_backward(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None,
-                             mask: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor,
-                             weight: torch.Tensor | None, training: bool, skip_grad: bool, param_grads: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch_norm_relu_backward(grad: torch.Tensor, x: torch.Tensor, out: Optional[torch.Tensor],
+                              mask: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                              weight: Optional[torch.Tensor], training: bool, skip_grad: bool, param_grads: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward(grad, x, out, mask, mean, invstd)
-    return _batch_norm_relu_backward(grad, x, out, mask, mean, invstd, weight, training, skip_grad, param_grads)
-
-
-def _batch_norm_relu_backward(grad, x, out, mask, mean, invstd, weight, training: bool, skip_grad: bool,
-                              param_grads: bool):
     C = x.shape[1]
     fmt = canonical_format(x)
     x = in_format(x, fmt)
@@ -313,8 +300,7 @@ def _batch_norm_relu_backward(grad, x, out, mask, mean, invstd, weight, training
     return dx, dskip, sum_gx * invstd, sum_g
 
 
-@batch_norm_relu_backward.register_fake
-def _(grad, x, out, mask, mean, invstd, weight, training, skip_grad, param_grads):
+def _batch_norm_relu_backward_fake(grad, x, out, mask, mean, invstd, weight, training, skip_grad, param_grads):
     _check_backward(grad, x, out, mask, mean, invstd)
     fmt = canonical_format(x)
     C = x.shape[1]
@@ -342,8 +328,7 @@ def _grads(ctx, grad):
     # input order: x, [skip,] weight, bias, ...
     i_w = 2 if ctx.has_skip else 1
     need_params = need[i_w] or need[i_w + 1]
-    dx, dskip, dw, db = _direct.call(
-        batch_norm_relu_backward, _batch_norm_relu_backward,
+    dx, dskip, dw, db = BATCH_NORM_RELU_BACKWARD.inside_autograd(
         grad, x, None if ctx.save_mask else gate, gate if ctx.save_mask else None, mean, invstd, weight,
         ctx.training, ctx.has_skip and need[1], need_params)
     dw = dw.to(ctx.weight_dtype) if need[i_w] else None
@@ -351,32 +336,26 @@ def _grads(ctx, grad):
     return (dx if need[0] else None), (dskip if ctx.has_skip and need[1] else None), dw, db
 
 
-@_backend.records_backend
 def _setup_relu(ctx, inputs, output):
     x, weight, bias, _rm, _rv, training, _eps, save_mask = inputs
     _setup(ctx, x, None, weight, bias, training, save_mask, output)
 
 
-@_backend.under_forward_backend
 def _backward_relu(ctx, grad, *_):
     dx, _, dw, db = _grads(ctx, grad)
     return dx, dw, db, None, None, None, None, None
 
 
-@_backend.records_backend
 def _setup_add_relu(ctx, inputs, output):
     x, skip, weight, bias, _rm, _rv, training, _eps, save_mask = inputs
     _setup(ctx, x, skip, weight, bias, training, save_mask, output)
 
 
-@_backend.under_forward_backend
 def _backward_add_relu(ctx, grad, *_):
     dx, dskip, dw, db = _grads(ctx, grad)
     return dx, dskip, dw, db, None, None, None, None, None
 
 
-batch_norm_relu.register_autograd(_backward_relu, setup_context=_setup_relu)
-batch_norm_add_relu.register_autograd(_backward_add_relu, setup_context=_setup_add_relu)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,8 +371,13 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-# The eager fast path (fused_residual.ops._direct): the same implementation and formulas without the
-# dispatcher round trips, for plain tensors in plain eager mode
-BatchNormReLU = _direct.function("batch_norm_relu", _batch_norm_relu, _setup_relu, _backward_relu)
-BatchNormAddReLU = _direct.function("batch_norm_add_relu", _batch_norm_add_relu, _setup_add_relu,
-                                    _backward_add_relu)
+# ---------------------------------------------------------------------------------------------------------
+# Specs. No lowering: under torch.compile the public functions emit F.batch_norm + add + relu themselves,
+# as F.batch_norm also updates the running statistics (which these functional ops return instead).
+
+BATCH_NORM_RELU = register(OpSpec(
+    "batch_norm_relu", _batch_norm_relu, _batch_norm_relu_fake, _setup_relu, _backward_relu))
+BATCH_NORM_ADD_RELU = register(OpSpec(
+    "batch_norm_add_relu", _batch_norm_add_relu, _batch_norm_add_relu_fake, _setup_add_relu, _backward_add_relu))
+BATCH_NORM_RELU_BACKWARD = register(OpSpec(
+    "batch_norm_relu_backward", _batch_norm_relu_backward, _batch_norm_relu_backward_fake))

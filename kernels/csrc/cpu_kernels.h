@@ -257,7 +257,7 @@ void bias_relu_rows_t(const at::Tensor& out, const at::Tensor& bias) {
 constexpr int64_t kRowBlock = 256;
 
 template <typename T>
-void masked_grad_colsum_t(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& gm,
+void relu_grad_colsum_t(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& gm,
                           const at::Tensor& colsum) {
   const int64_t M = grad.size(0), N = grad.size(1);
   const T* gp = grad.data_ptr<T>();

@@ -150,26 +150,26 @@ void bias_relu_rows_(const at::Tensor& out, const std::optional<at::Tensor>& bia
 
 // gm = grad gated by out, colsum (fp32 [N], optional) = column sums of gm, independent of the thread
 // count. grad, out and gm are contiguous [M, N].
-void masked_grad_colsum(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& gm,
+void relu_grad_colsum(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& gm,
                         const std::optional<at::Tensor>& colsum) {
   check_cpu(grad, "grad");
   check_cpu(out, "out");
   TORCH_CHECK(grad.dim() == 2 && out.sizes() == grad.sizes() && gm.sizes() == grad.sizes() &&
                   grad.is_contiguous() && out.is_contiguous() && gm.is_contiguous(),
-              "masked_grad_colsum: grad, out and gm must be contiguous [M, N] tensors");
-  check_dtype(out, grad, "masked_grad_colsum", "out");
-  check_dtype(gm, grad, "masked_grad_colsum", "gm");
+              "relu_grad_colsum: grad, out and gm must be contiguous [M, N] tensors");
+  check_dtype(out, grad, "relu_grad_colsum", "out");
+  check_dtype(gm, grad, "relu_grad_colsum", "gm");
   TORCH_CHECK(!colsum.has_value() || (colsum->scalar_type() == at::kFloat && colsum->is_contiguous() &&
                                       colsum->numel() == grad.size(1)),
-              "masked_grad_colsum: colsum must be a contiguous float32 [N] tensor");
+              "relu_grad_colsum: colsum must be a contiguous float32 [N] tensor");
   at::Tensor cs = colsum.has_value() ? *colsum : at::Tensor();
   if (grad.numel() == 0) {
     if (cs.defined()) cs.zero_();
     return;
   }
   py::gil_scoped_release no_gil;
-  FR_DTYPE_SWITCH(grad.scalar_type(), "masked_grad_colsum",
-                  k::masked_grad_colsum_t<scalar_t>(grad, out, gm, cs));
+  FR_DTYPE_SWITCH(grad.scalar_type(), "relu_grad_colsum",
+                  k::relu_grad_colsum_t<scalar_t>(grad, out, gm, cs));
 }
 
 }  // namespace
@@ -184,7 +184,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_relu_fwd", &add_relu_fwd, py::arg("z"), py::arg("skip"), py::arg("out"), py::arg("mask"));
   m.def("add_relu_bwd", &add_relu_bwd, py::arg("grad"), py::arg("out"), py::arg("mask"), py::arg("gin"));
   m.def("bias_relu_rows_", &bias_relu_rows_, py::arg("out"), py::arg("bias"));
-  m.def("masked_grad_colsum", &masked_grad_colsum, py::arg("grad"), py::arg("out"), py::arg("gm"),
+  m.def("relu_grad_colsum", &relu_grad_colsum, py::arg("grad"), py::arg("out"), py::arg("gm"),
         py::arg("colsum"));
   // BatchNorm (+ add) + ReLU (batch_norm.h)
   m.def("bn_stats", &bn_stats, py::arg("x"), py::arg("C"), py::arg("inner"), py::arg("mean"), py::arg("var"));
