@@ -60,8 +60,9 @@ def defaults(device: str, quick: bool) -> dict:
         dict(model="resnet50", batch=8, dtype="fp32", image_size=224, steps=3)
 
 
-def _timed(step, steps: int, device: str) -> tuple[float, float | None]:
-    """(median ms per call, peak MiB during the timed calls) after warm-up calls (compilation happens there)."""
+def _timed(step, steps: int, device: str) -> tuple[float, float | None, float | None]:
+    """(median ms per call, peak MiB during the timed calls (CUDA), minor page faults per call (CPU)) after
+    warm-up calls (compilation happens there)."""
     for _ in range(2):
         step()
     common.sync(device)
@@ -69,13 +70,15 @@ def _timed(step, steps: int, device: str) -> tuple[float, float | None]:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     times = []
+    faults = common.minor_faults()
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         common.sync(device)
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 + base / 2**20 if device == "cuda" else None
-    return statistics.median(times) * 1e3, peak
+    faults = (common.minor_faults() - faults) / steps if device == "cpu" else None
+    return statistics.median(times) * 1e3, peak, faults
 
 
 def parity(base, fused, x, frozen=None) -> dict:
@@ -174,12 +177,12 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None, mo
                         fn(x)
             t0 = time.perf_counter()
             try:
-                ms, peak = _timed(step, steps, device)
+                ms, peak, faults = _timed(step, steps, device)
             except Exception as exc:  # e.g. a compile failure: report it and go on with the others
                 bench.fail(f"{model} {mode} {name}", exc)
                 continue
             bench.add(common.Row(f"{model} {mode}", shape, dname, name, mode, ms, batch / ms * 1e3, "img/s",
-                                 peak_mem_mb=peak))
+                                 peak_mem_mb=peak, faults_per_call=faults))
             print(f"    ({time.perf_counter() - t0:.0f}s including warm-up/compilation)", flush=True)
             del net, fn
             if device == "cuda":
