@@ -48,24 +48,37 @@ def test_frozen_model_matches_and_holds_no_batch_norm(name):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
-def test_block_tails_run_the_fused_gemm_epilogues(monkeypatch):
-    """ResNet-50: the 4 projection blocks end in dual_conv1x1_add_relu, the 12 identity blocks in
-    conv1x1_add_relu; ResNet-18: the 3 projections in conv1x1_add_relu (main path as the residual), the 5
+def test_block_tails_run_fused_epilogues(monkeypatch):
+    """CPU float32: every block tail is one oneDNN convolution with the residual add and the ReLU as its
+    post-ops (ResNet-50: 16 tails, ResNet-18: 8). Where oneDNN does not serve (here: disabled; on CUDA,
+    other dtypes): ResNet-50's 4 projection blocks end in dual_conv1x1_add_relu, its 12 identity blocks in
+    conv1x1_add_relu; ResNet-18's 3 projections in conv1x1_add_relu (main path as the residual), its 5
     identity tails in add_relu_."""
     from fused_residual import functional
+    from fused_residual.integrations.freeze import FoldedConv
 
     calls = []
     for op in ("conv1x1_add_relu", "dual_conv1x1_add_relu", "add_relu_"):
         real = getattr(functional, op)
         monkeypatch.setattr(functional, op, lambda *a, real=real, op=op, **k: calls.append(op) or real(*a, **k))
+    real_tail = FoldedConv.conv_add_relu
+    monkeypatch.setattr(FoldedConv, "conv_add_relu",
+                        lambda self, *a: (lambda out: calls.append("onednn" if out is not None else "none") or out)(
+                            real_tail(self, *a)))
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        fr.freeze(torchvision.models.resnet50(num_classes=10))(x)
-    assert sorted(calls) == ["conv1x1_add_relu"] * 12 + ["dual_conv1x1_add_relu"] * 4
-    calls.clear()
-    with torch.no_grad():
-        fr.freeze(torchvision.models.resnet18(num_classes=10))(x)
-    assert sorted(calls) == ["add_relu_"] * 5 + ["conv1x1_add_relu"] * 3
+    models = {"resnet50": torchvision.models.resnet50(num_classes=10),
+              "resnet18": torchvision.models.resnet18(num_classes=10)}
+    for name, expected in (("resnet50", ["onednn"] * 16), ("resnet18", ["onednn"] * 8)):
+        calls.clear()
+        with torch.no_grad():
+            fr.freeze(models[name])(x)
+        assert calls == expected, name
+    for name, expected in (("resnet50", ["conv1x1_add_relu"] * 12 + ["dual_conv1x1_add_relu"] * 4),
+                           ("resnet18", ["add_relu_"] * 5 + ["conv1x1_add_relu"] * 3)):
+        calls.clear()
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+            fr.freeze(models[name])(x)
+        assert sorted(calls) == expected, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -209,6 +222,12 @@ def test_cpu_float32_convolutions_run_on_onednn_with_packed_weights_that_follow_
     with torch.no_grad():
         torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(conv.conv_relu(x), torch.relu(plain(x)), rtol=1e-6, atol=1e-5)
+        other = torch.randn(conv.output_shape(x))
+        torch.testing.assert_close(conv.conv_add_relu(x, other), torch.relu(plain(x) + other), rtol=1e-6, atol=1e-5)
+        # where the residual does not fit oneDNN's post-op, the caller gets None (and computes unfused)
+        assert conv.conv_add_relu(x, other.to(memory_format=torch.channels_last)) is None
+        assert conv.conv_add_relu(x, other.double()) is None
+        assert conv.conv_add_relu(x, other[:1]) is None
         assert len(conv._packed) == 1
         conv.weight.mul_(-2.0)  # an in-place edit
         torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-5)
