@@ -138,13 +138,16 @@ def dual_conv1x1_add_relu(x: torch.Tensor, weight: torch.Tensor, shortcut: torch
 
 
 def _batch_norm_fused(op: str, x, skip, running_mean, running_var, weight, bias, training, momentum, eps, save):
-    _bn.check(op, x, skip, running_mean, running_var, weight, bias, training)
+    _checks.tensors(op, x=x)  # the full check runs in the op's implementation (or below), once
+    _checks.optional_tensors(op, skip=skip, running_mean=running_mean, running_var=running_var, weight=weight,
+                             bias=bias)
     if save not in SAVE_MODES:
         raise ValueError(f"{op}: save must be one of {SAVE_MODES}, got {save!r}")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"{op}: momentum must be a number, got {type(momentum).__name__} (nn.BatchNorm's "
                         "momentum=None, a cumulative average, is momentum=1/num_batches_tracked)")
     if plain_under_compile() or _direct.transformed():
+        _bn.check(op, x, skip, running_mean, running_var, weight, bias, training)
         bn = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.relu(bn if skip is None else bn + skip)
     tensors = (x, skip, weight, bias)

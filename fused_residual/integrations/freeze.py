@@ -11,8 +11,8 @@
   (Bottleneck: conv3 and the projection in one GEMM; BasicBlock: the projection with the main path as its
   residual) or ``add_relu_``. On CPU in float32 every convolution runs on oneDNN with weights packed once,
   the ReLU as its post-op, and the tail as one oneDNN convolution with the residual add and the ReLU as
-  post-ops (the projection, if any, computed first): per ResNet-50 tail 0.44-0.56 ms against 0.53-0.95 ms
-  for the GEMM op's CPU path (convolution, then the add + ReLU pass), batch 8, 2-core VM;
+  post-ops (the projection, if any, computed first) where the output is small enough for that to pay
+  (``ONEDNN_TAIL_MAX_BYTES``);
 * every ``nn.Sequential`` holding a ``Conv2d`` followed by a ``BatchNorm2d`` (timm's deep stems, other
   downsample forms) and the stem of torchvision / timm ``ResNet`` (``conv1`` + ``bn1``) are folded the
   same way, the BN replaced by ``nn.Identity``.
@@ -39,6 +39,15 @@ from ._common import Projection, add_relu_tail, fold_bn, is_gemm_conv, passes_th
 
 _FROZEN_TRAIN = ("fused_residual.freeze: this model is frozen for inference (its BatchNorm layers are folded "
                  "into the convolutions); train the original model and freeze it again")
+
+
+# Block tails up to this output size run as one oneDNN convolution with the residual add and the ReLU as
+# post-ops; larger ones as the convolution, then our add + ReLU pass (conv1x1_add_relu's CPU path).
+# ResNet-50 1x1 tails at batch 8, 2-core VM, fp32 channels_last, ms for one oneDNN call against the
+# convolution + pass (benchmarks/results/cpu-2026-12-07b/onednn_tail.txt): outputs of 0.8-6.4 MB (112 px)
+# 0.49-0.59 against 0.54-1.01; 3.2 MB (224 px, layer 4) 1.85 / 2.33; 6.4 and 12.8 MB equal (1.94 / 1.94,
+# 2.11 / 2.12); 25.7 MB (layer 1) 3.49 / 2.68.
+ONEDNN_TAIL_MAX_BYTES = 8 << 20
 
 
 class FoldedConv(nn.Module):
@@ -80,10 +89,11 @@ class FoldedConv(nn.Module):
 
     def conv_add_relu(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
         """``relu(conv(x) + other)`` as one oneDNN call, the add and the ReLU its post-ops (CPU, float32,
-        Python only), or None where that does not apply: ``other`` must be a plain float32 CPU tensor of the
-        output's shape in x's memory format."""
+        Python only), or None where that does not apply or does not pay: ``other`` must be a plain float32
+        CPU tensor of the output's shape in x's memory format, of at most :data:`ONEDNN_TAIL_MAX_BYTES`."""
         if not (self._onednn(x) and type(other) is torch.Tensor and other.dtype == torch.float32
                 and other.device.type == "cpu" and tuple(other.shape) == self.output_shape(x)
+                and other.numel() * other.element_size() <= ONEDNN_TAIL_MAX_BYTES
                 and _same_dense_format(x, other)):
             return None
         return self._onednn_conv(x, "relu", other)
