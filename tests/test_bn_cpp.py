@@ -353,3 +353,63 @@ def test_instruction_sets_agree():
     assert torch.allclose(outs[0][0], outs[1][0], rtol=2 ** -22, atol=1e-6)
     for o, mk in outs:
         assert torch.equal(mk, pack_mask(o))
+
+
+# ---- the whole ops: bn_forward, bn_backward, bn_update_running ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,kind", [CASES[i] for i in (0, 1, 4, 8, 9)], ids=[IDS[i] for i in (0, 1, 4, 8, 9)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_whole_ops_equal_the_primitives_composed(shape, kind, dtype, training):
+    """bn_forward and bn_backward (one C++ call each, the per-channel arithmetic in C++) give bit for bit
+    what the four primitives give with that arithmetic as float32 tensor operations, outputs and
+    statistics, gradients and dw / db, with a skip or not, a mask or the output as the gate, parameters in
+    float32 or the activation dtype (AMP)."""
+    import fused_residual as fr
+    from fused_residual.ops import batch_norm as bn
+
+    C = shape[1]
+    x, skip, dy = make(shape, kind, dtype, 2.0, 0.5), make(shape, kind, dtype), make(shape, kind, dtype)
+    w = (torch.rand(C) + 0.5).to(dtype if dtype != torch.float32 else torch.float32)
+    b, rm, rv = torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
+    with fr.use_backend("cpp"):
+        for s, weight, bias in ((skip, w, b), (None, None, None)):
+            for save_mask in (True, False):
+                args = (x, s, weight, bias, rm, rv, training, 1e-5, save_mask)
+                got, ref = bn._cpp_forward(*args), bn._forward_by_primitives(*args)
+                for name, g, r in zip(("out", "mask", "mean", "invstd", "var"), got, ref):
+                    assert g.dtype == r.dtype and torch.equal(g, r), name
+                out, mask, mean, invstd, _ = got
+                gate = dict(out=None, mask=mask) if save_mask else dict(out=out, mask=None)
+                bargs = (dy, x, gate["out"], gate["mask"], mean, invstd, weight, training, s is not None, True)
+                for name, g, r in zip(("dx", "dskip", "dw", "db"), bn._cpp_backward(*bargs),
+                                      bn._backward_by_primitives(*bargs)):
+                    assert torch.equal(g, r), name
+
+
+def test_update_running_matches_the_tensor_formula():
+    """bn_update_running: F.batch_norm's update (unbiased variance), in place, within float32 rounding of
+    the tensor formula (the compiler may fuse a multiply and an add)."""
+    C, count, momentum = 37, 50, 0.1
+    rm, rv, mean, var = torch.randn(C), torch.rand(C) + 0.5, torch.randn(C), torch.rand(C)
+    exp_m = rm.double() * (1 - momentum) + mean.double() * momentum
+    exp_v = rv.double() * (1 - momentum) + var.double() * (count / (count - 1)) * momentum
+    M.bn_update_running(rm, rv, mean, var, count, momentum)
+    assert (rm.double() - exp_m).abs().max() <= 4 * 2 ** -24 * exp_m.abs().max()
+    assert (rv.double() - exp_v).abs().max() <= 4 * 2 ** -24 * exp_v.abs().max()
+    with pytest.raises(RuntimeError, match="bn_update_running: running_var must be a contiguous float32"):
+        M.bn_update_running(rm, rv.half(), mean, var, count, momentum)
+
+
+def test_whole_ops_refuse_bad_inputs():
+    x = torch.randn(4, 6, 3, 3)
+    v = torch.empty(6)
+    with pytest.raises(RuntimeError, match="bn_forward: eval mode needs the running statistics"):
+        M.bn_forward(x, None, None, None, None, None, False, 1e-5, torch.empty_like(x), None, v, v.clone(),
+                     v.clone(), 6, 9)
+    with pytest.raises(RuntimeError, match="bn_forward: weight must be a CPU tensor of 6 elements"):
+        M.bn_forward(x, None, torch.ones(5), None, None, None, True, 1e-5, torch.empty_like(x), None, v,
+                     v.clone(), v.clone(), 6, 9)
+    with pytest.raises(RuntimeError, match="bn_backward: grad_bias must be a contiguous float32"):
+        M.bn_backward(x, x, x, None, v, v, None, True, True, torch.empty_like(x), None, v, torch.empty(5), 6, 9)

@@ -41,6 +41,7 @@ from typing import Optional  # custom-op signatures: Optional, which every torch
 import torch
 
 from .. import _alloc, _backend, _checks, _cpp, reference
+from . import _direct
 from ._registry import OpSpec, dispatch, register
 
 
@@ -187,7 +188,9 @@ def check(op: str, x, skip, running_mean, running_var, weight, bias, training: b
 # Forward
 
 
-def _forward(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float, save_mask: bool):
+def _forward_by_primitives(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float,
+                           save_mask: bool):
+    """The forward from the four primitives, with the per-channel arithmetic as tensor operations."""
     C = x.shape[1]
     fmt = canonical_format(x)
     x = in_format(x, fmt)
@@ -211,6 +214,36 @@ def _forward(x, skip, weight, bias, running_mean, running_var, training: bool, e
         primitives(x.device).apply(x, None if skip is None else in_format(skip, fmt), mean, scale.contiguous(),
                                    shift, out, mask if save_mask else None, C, inner)
     return out, mask, mean, invstd, var
+
+
+def _cpp_whole_ops():
+    m = _cpp.module()
+    if not hasattr(m, "bn_forward"):
+        raise _backend.BackendUnavailable("the 'cpp' backend was built without the whole-op BatchNorm kernels: "
+                                          "rebuild it (pip install --no-build-isolation -e .)")
+    return m
+
+
+def _cpp_forward(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float, save_mask: bool):
+    """The forward as one C++ call: statistics, per-channel scale and shift, normalise (+ add) + ReLU. On
+    small tensors the tensor operations between the primitives would cost as much as the passes."""
+    cpu = _cpp_whole_ops()
+    C = x.shape[1]
+    fmt = canonical_format(x)
+    x = in_format(x, fmt)
+    mean, invstd, var = (torch.empty(C, dtype=torch.float32) for _ in range(3))
+    out = _alloc.empty_like(x)
+    mask = _alloc.empty(mask_numel(x.numel()) if save_mask else 0, x, dtype=torch.uint8)
+    cpu.bn_forward(x, None if skip is None else in_format(skip, fmt), weight, bias, running_mean, running_var,
+                   training, eps, out, mask if save_mask else None, mean, invstd, var, C, inner_size(x, fmt))
+    return out, mask, mean, invstd, var
+
+
+FORWARD = {"triton": _forward_by_primitives, "cpp": _cpp_forward, "eager": _forward_by_primitives}
+
+
+def _forward(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float, save_mask: bool):
+    return dispatch(FORWARD, x.device)(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
 
 
 def _fake_outputs(x, save_mask: bool):
@@ -272,6 +305,27 @@ def _batch_norm_relu_backward(grad: torch.Tensor, x: torch.Tensor, out: Optional
                               weight: Optional[torch.Tensor], training: bool, skip_grad: bool, param_grads: bool
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward(grad, x, out, mask, mean, invstd)
+    return dispatch(BACKWARD, x.device)(grad, x, out, mask, mean, invstd, weight, training, skip_grad, param_grads)
+
+
+def _cpp_backward(grad, x, out, mask, mean, invstd, weight, training: bool, skip_grad: bool, param_grads: bool):
+    """The backward as one C++ call: sums, per-channel coefficients, dx (and dskip); dw and db come back."""
+    cpu = _cpp_whole_ops()
+    C = x.shape[1]
+    fmt = canonical_format(x)
+    x, grad = in_format(x, fmt), in_format(grad, fmt)
+    dx = _alloc.empty_like(x)
+    dskip = _alloc.empty_like(x) if skip_grad else x.new_empty(0)
+    dw, db = torch.empty(C, dtype=torch.float32), torch.empty(C, dtype=torch.float32)
+    cpu.bn_backward(grad, x, None if out is None else in_format(out, fmt), None if mask is None else mask.contiguous(),
+                    mean.contiguous(), invstd.contiguous(), weight, training, param_grads, dx,
+                    dskip if skip_grad else None, dw, db, C, inner_size(x, fmt))
+    return dx, dskip, dw, db
+
+
+def _backward_by_primitives(grad, x, out, mask, mean, invstd, weight, training: bool, skip_grad: bool,
+                            param_grads: bool):
+    """The backward from the primitives, with the per-channel arithmetic as tensor operations."""
     C = x.shape[1]
     fmt = canonical_format(x)
     x = in_format(x, fmt)
@@ -298,6 +352,9 @@ def _batch_norm_relu_backward(grad: torch.Tensor, x: torch.Tensor, out: Optional
         kernels.bwd_apply(grad, x, out, mask, mean, a.contiguous(), b.contiguous(), d.contiguous(), dx,
                           dskip if skip_grad else None, C, inner)
     return dx, dskip, sum_gx * invstd, sum_g
+
+
+BACKWARD = {"triton": _backward_by_primitives, "cpp": _cpp_backward, "eager": _backward_by_primitives}
 
 
 def _batch_norm_relu_backward_fake(grad, x, out, mask, mean, invstd, weight, training, skip_grad, param_grads):
@@ -364,7 +421,16 @@ def _backward_add_relu(ctx, grad, *_):
 
 def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
     """``running = (1 - momentum) * running + momentum * batch``, the variance unbiased (``count / (count -
-    1)``), in place (no autograd)."""
+    1)``), in place (no autograd). Plain float32 CPU buffers in eager mode on the cpp backend: one C++ call;
+    else (traced, compiled, other dtypes and devices) the tensor operations."""
+    if (running_mean.dtype == running_var.dtype == torch.float32 and running_mean.device.type == "cpu"
+            and running_mean.is_contiguous() and running_var.is_contiguous()
+            and _direct.plain_eager(running_mean, running_var, mean, var)
+            and _backend.resolve(running_mean.device) == "cpp"):
+        _cpp_whole_ops().bn_update_running(running_mean, running_var, mean, var, count, momentum)
+        torch.autograd.graph.increment_version(running_mean)  # written in place, as mul_ / add_ would record
+        torch.autograd.graph.increment_version(running_var)
+        return
     with torch.no_grad():
         unbiased = var * (count / (count - 1)) if count > 1 else var
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

@@ -289,8 +289,8 @@ inline uint32_t low_bits(const fVec& r, int64_t cnt) {
 // segment bookkeeping, the shortcut and the mask chosen at compile time, each vector's 8 gate bits one
 // whole mask byte (rows start at multiples of 8 elements, so no byte is shared by two threads).
 template <typename T, bool kSkip, bool kMask>
-void apply_rows_t(const T* x, const T* skip, const float* pm, const float* psc, const float* psh, T* out,
-                  uint8_t* mask, int64_t rows, int64_t C) {
+void apply_rows_t(const T* x, const T* skip, const float* pa, const float* pb, T* out, uint8_t* mask, int64_t rows,
+                  int64_t C) {
   using P = Pack<T>;
   constexpr int64_t S = P::size();
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
@@ -302,7 +302,7 @@ void apply_rows_t(const T* x, const T* skip, const float* pm, const float* psc, 
         P::load(x + i, S, xv);
         if (kSkip) P::load(skip + i, S, sv);
         for (int k = 0; k < P::kVecs; ++k) {
-          fVec y = (xv[k] - fVec::loadu(pm + c + 8 * k)) * fVec::loadu(psc + c + 8 * k) + fVec::loadu(psh + c + 8 * k);
+          fVec y = xv[k] * fVec::loadu(pa + c + 8 * k) + fVec::loadu(pb + c + 8 * k);
           if (kSkip) y = y + sv[k];
           r[k] = relu_vec(y);
         }
@@ -315,23 +315,29 @@ void apply_rows_t(const T* x, const T* skip, const float* pm, const float* psc, 
   });
 }
 
-// out = relu(((x - mean) * scale + shift) + skip), rounded once; mask = gate of the stored out.
+// out = relu((x * alpha + beta) + skip), alpha = scale and beta = shift - mean * scale per channel (as
+// ATen's CPU BatchNorm computes x_hat * weight + bias: one multiply-add per element), rounded once;
+// mask = gate of the stored out.
 template <typename T>
 void apply_t(const T* x, const T* skip, const float* mean, const float* scale, const float* shift, T* out,
              uint8_t* mask, int64_t n, int64_t C, int64_t inner) {
   using P = Pack<T>;
-  std::vector<float> pm, psc, psh;
+  std::vector<float> alpha(C), beta(C);
+  for (int64_t c = 0; c < C; ++c) {
+    alpha[c] = scale[c];
+    beta[c] = shift[c] - mean[c] * scale[c];
+  }
+  std::vector<float> pa, pb;
   if (inner == 1) {
-    pm = padded(mean, C);
-    psc = padded(scale, C);
-    psh = padded(shift, C);
+    pa = padded(alpha.data(), C);
+    pb = padded(beta.data(), C);
     if (C % P::size() == 0) {
       const int64_t rows = n / C;
-      const float *m = pm.data(), *sc = psc.data(), *sh = psh.data();
-      if (skip && mask) apply_rows_t<T, true, true>(x, skip, m, sc, sh, out, mask, rows, C);
-      else if (skip) apply_rows_t<T, true, false>(x, skip, m, sc, sh, out, mask, rows, C);
-      else if (mask) apply_rows_t<T, false, true>(x, skip, m, sc, sh, out, mask, rows, C);
-      else apply_rows_t<T, false, false>(x, skip, m, sc, sh, out, mask, rows, C);
+      const float *a = pa.data(), *b = pb.data();
+      if (skip && mask) apply_rows_t<T, true, true>(x, skip, a, b, out, mask, rows, C);
+      else if (skip) apply_rows_t<T, true, false>(x, skip, a, b, out, mask, rows, C);
+      else if (mask) apply_rows_t<T, false, true>(x, skip, a, b, out, mask, rows, C);
+      else apply_rows_t<T, false, false>(x, skip, a, b, out, mask, rows, C);
       return;
     }
   }
@@ -343,11 +349,10 @@ void apply_t(const T* x, const T* skip, const float* mean, const float* scale, c
       BitWriter bw{words};
       for_segments(s0, s1, C, inner, [&](int64_t a, int64_t b, int64_t c) {
         const bool rows = inner == 1;
-        fVec m, sc, sh;
+        fVec va, vb;
         if (!rows) {
-          m = fVec(mean[c]);
-          sc = fVec(scale[c]);
-          sh = fVec(shift[c]);
+          va = fVec(alpha[c]);
+          vb = fVec(beta[c]);
         }
         for (int64_t j = a; j < b; j += P::size()) {
           const int64_t cnt = std::min<int64_t>(P::size(), b - j);
@@ -356,11 +361,10 @@ void apply_t(const T* x, const T* skip, const float* mean, const float* scale, c
           if (skip) P::load(skip + j, cnt, sv);
           for (int k = 0; k < P::kVecs; ++k) {
             if (rows) {
-              m = fVec::loadu(pm.data() + cc + 8 * k);
-              sc = fVec::loadu(psc.data() + cc + 8 * k);
-              sh = fVec::loadu(psh.data() + cc + 8 * k);
+              va = fVec::loadu(pa.data() + cc + 8 * k);
+              vb = fVec::loadu(pb.data() + cc + 8 * k);
             }
-            fVec y = (xv[k] - m) * sc + sh;
+            fVec y = xv[k] * va + vb;
             if (skip) y = y + sv[k];
             r[k] = relu_vec(y);
           }
@@ -702,6 +706,163 @@ void bn_bwd_apply(const at::Tensor& dy, const at::Tensor& x, const std::optional
                                  d.data_ptr<float>(), static_cast<scalar_t*>(dx.data_ptr()),
                                  dskip.has_value() ? static_cast<scalar_t*>(dskip->data_ptr()) : nullptr, n, C,
                                  inner));
+}
+
+
+// ---- whole ops: the per-channel arithmetic between the passes in C++, one call from Python ------------------
+
+// A per-channel vector (weight, bias, running statistics: float32 or the activation's 16-bit dtype, as AMP
+// models keep them) as float32, or `fill` where absent.
+std::vector<float> bn_channel_values(const std::optional<at::Tensor>& v, int64_t C, float fill, const char* op,
+                                     const char* name) {
+  std::vector<float> out(static_cast<size_t>(C), fill);
+  if (!v.has_value()) return out;
+  TORCH_CHECK(v->device().is_cpu() && v->dim() == 1 && v->numel() == C, op, ": ", name, " must be a CPU tensor of ",
+              C, " elements, got ", v->sizes(), " on ", v->device());
+  const int64_t st = v->stride(0);
+  switch (v->scalar_type()) {
+    case at::kFloat: { const float* p = v->data_ptr<float>(); for (int64_t c = 0; c < C; ++c) out[c] = p[c * st]; break; }
+    case at::kHalf: { const at::Half* p = v->data_ptr<at::Half>(); for (int64_t c = 0; c < C; ++c) out[c] = p[c * st]; break; }
+    case at::kBFloat16: { const at::BFloat16* p = v->data_ptr<at::BFloat16>(); for (int64_t c = 0; c < C; ++c) out[c] = p[c * st]; break; }
+    default: TORCH_CHECK(false, op, ": ", name, " has unsupported dtype ", v->scalar_type());
+  }
+  return out;
+}
+
+// The forward of batch_norm_relu / batch_norm_add_relu: batch statistics (training; NaN for an empty x, as
+// eager) or the running ones, invstd = 1 / sqrt(var + eps), then out = relu(x_hat * weight + bias [+ skip])
+// and the mask. mean, invstd and var (float32, C) are outputs; as the separate primitives compute them.
+void bn_forward(const at::Tensor& x, const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& weight,
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                const std::optional<at::Tensor>& running_var, bool training, double eps, const at::Tensor& out,
+                const std::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& invstd,
+                const at::Tensor& var, int64_t C, int64_t inner) {
+  constexpr const char* op = "bn_forward";
+  bn_check_x(x, C, inner, op);
+  if (skip.has_value()) bn_check_like(*skip, x, op, "skip");
+  bn_check_like(out, x, op, "out");
+  bn_check_vec(mean, C, op, "mean");
+  bn_check_vec(invstd, C, op, "invstd");
+  bn_check_vec(var, C, op, "var");
+  const int64_t n = x.numel();
+  uint8_t* m = const_cast<uint8_t*>(bn_mask(mask, n, op));
+  float* pmean = mean.data_ptr<float>();
+  float* pvar = var.data_ptr<float>();
+  float* pinv = invstd.data_ptr<float>();
+  if (training) {
+    if (n == 0) {
+      std::fill(pmean, pmean + C, std::numeric_limits<float>::quiet_NaN());
+      std::fill(pvar, pvar + C, std::numeric_limits<float>::quiet_NaN());
+    }
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), op, ": eval mode needs the running statistics");
+    const std::vector<float> rm = bn_channel_values(running_mean, C, 0.f, op, "running_mean");
+    const std::vector<float> rv = bn_channel_values(running_var, C, 0.f, op, "running_var");
+    std::copy(rm.begin(), rm.end(), pmean);
+    std::copy(rv.begin(), rv.end(), pvar);
+  }
+  const std::vector<float> w = bn_channel_values(weight, C, 1.f, op, "weight");
+  const std::vector<float> b = bn_channel_values(bias, C, 0.f, op, "bias");
+  int64_t in = inner;
+  bn_normalize_layout(n, C, in);
+  py::gil_scoped_release no_gil;
+  if (training && n > 0) {
+    FR_BN_DTYPE_SWITCH(x.scalar_type(), op,
+                       kbn::stats_t<scalar_t>(static_cast<const scalar_t*>(x.data_ptr()), n, C, in, pmean, pvar));
+  }
+  std::vector<float> scale(static_cast<size_t>(C));
+  const float feps = static_cast<float>(eps);
+  for (int64_t c = 0; c < C; ++c) {
+    pinv[c] = 1.f / std::sqrt(pvar[c] + feps);  // torch.rsqrt(var + eps) in float32
+    scale[c] = weight.has_value() ? pinv[c] * w[c] : pinv[c];
+  }
+  if (n == 0) return;
+  FR_BN_DTYPE_SWITCH(
+      x.scalar_type(), op,
+      kbn::apply_t<scalar_t>(static_cast<const scalar_t*>(x.data_ptr()),
+                             skip.has_value() ? static_cast<const scalar_t*>(skip->data_ptr()) : nullptr, pmean,
+                             scale.data(), b.data(), static_cast<scalar_t*>(out.data_ptr()), m, n, C, in));
+}
+
+// The backward: the per-channel sums (training, or where weight / bias need gradients), a = invstd * weight,
+// b = sum_g / count, d = invstd^2 * sum_gx / count (training; 0 in eval), then dx and dskip in one pass;
+// grad_weight = sum_gx * invstd and grad_bias = sum_g (float32, C) are outputs.
+void bn_backward(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& out,
+                 const std::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& invstd,
+                 const std::optional<at::Tensor>& weight, bool training, bool param_grads, const at::Tensor& dx,
+                 const std::optional<at::Tensor>& dskip, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                 int64_t C, int64_t inner) {
+  constexpr const char* op = "bn_backward";
+  bn_check_x(x, C, inner, op);
+  bn_check_like(dy, x, op, "dy");
+  bn_check_like(dx, x, op, "dx");
+  if (dskip.has_value()) bn_check_like(*dskip, x, op, "dskip");
+  TORCH_CHECK(out.has_value() || mask.has_value(), op, ": pass out or mask (the ReLU gate)");
+  if (out.has_value()) bn_check_like(*out, x, op, "out");
+  bn_check_vec(mean, C, op, "mean");
+  bn_check_vec(invstd, C, op, "invstd");
+  bn_check_vec(grad_weight, C, op, "grad_weight");
+  bn_check_vec(grad_bias, C, op, "grad_bias");
+  const int64_t n = x.numel();
+  const uint8_t* m = bn_mask(mask, n, op);
+  const std::vector<float> w = bn_channel_values(weight, C, 1.f, op, "weight");
+  float* sum_gx = grad_weight.data_ptr<float>();  // the sums land in the outputs, then become them
+  float* sum_g = grad_bias.data_ptr<float>();
+  std::fill(sum_gx, sum_gx + C, 0.f);
+  std::fill(sum_g, sum_g + C, 0.f);
+  const float* pmean = mean.data_ptr<float>();
+  const float* pinv = invstd.data_ptr<float>();
+  int64_t in = inner;
+  bn_normalize_layout(n, C, in);
+  py::gil_scoped_release no_gil;
+  const void* gate = m == nullptr ? out->data_ptr() : nullptr;
+  if (n > 0 && (training || param_grads)) {
+    FR_BN_DTYPE_SWITCH(
+        x.scalar_type(), op,
+        kbn::bwd_reduce_t<scalar_t>(static_cast<const scalar_t*>(dy.data_ptr()),
+                                    static_cast<const scalar_t*>(x.data_ptr()), static_cast<const scalar_t*>(gate), m,
+                                    pmean, n, C, in, sum_g, sum_gx));
+  }
+  std::vector<float> a(static_cast<size_t>(C)), b(static_cast<size_t>(C), 0.f), d(static_cast<size_t>(C), 0.f);
+  const float count = static_cast<float>(C > 0 ? n / C : 0);
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = weight.has_value() ? pinv[c] * w[c] : pinv[c];
+    if (training) {  // as the float32 tensor arithmetic of the generic path computes them
+      b[c] = sum_g[c] / count;
+      d[c] = pinv[c] * pinv[c] * sum_gx[c] / count;
+    }
+  }
+  if (n > 0) {
+    FR_BN_DTYPE_SWITCH(
+        x.scalar_type(), op,
+        kbn::bwd_apply_t<scalar_t>(static_cast<const scalar_t*>(dy.data_ptr()),
+                                   static_cast<const scalar_t*>(x.data_ptr()), static_cast<const scalar_t*>(gate), m,
+                                   pmean, a.data(), b.data(), d.data(), static_cast<scalar_t*>(dx.data_ptr()),
+                                   dskip.has_value() ? static_cast<scalar_t*>(dskip->data_ptr()) : nullptr, n, C, in));
+  }
+  for (int64_t c = 0; c < C; ++c) sum_gx[c] *= pinv[c];  // grad_weight = sum(g * (x - mean)) * invstd
+}
+
+// running = (1 - momentum) * running + momentum * batch, the variance unbiased (count / (count - 1)), in
+// place, for float32 buffers (F.batch_norm's update; others take the tensor arithmetic in Python).
+void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                       const at::Tensor& var, int64_t count, double momentum) {
+  constexpr const char* op = "bn_update_running";
+  const int64_t C = mean.numel();
+  bn_check_vec(mean, C, op, "mean");
+  bn_check_vec(var, C, op, "var");
+  bn_check_vec(running_mean, C, op, "running_mean");
+  bn_check_vec(running_var, C, op, "running_var");
+  float* rm = running_mean.data_ptr<float>();
+  float* rv = running_var.data_ptr<float>();
+  const float* pm = mean.data_ptr<float>();
+  const float* pv = var.data_ptr<float>();
+  const float mom = static_cast<float>(momentum), keep = static_cast<float>(1.0 - momentum);
+  const float unbias = count > 1 ? static_cast<float>(static_cast<double>(count) / static_cast<double>(count - 1)) : 1.f;
+  for (int64_t c = 0; c < C; ++c) {
+    rm[c] = rm[c] * keep + pm[c] * mom;
+    rv[c] = rv[c] * keep + (pv[c] * unbias) * mom;
+  }
 }
 
 #undef FR_BN_DTYPE_SWITCH

@@ -192,6 +192,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("shift"), py::arg("out"), py::arg("mask"), py::arg("C"), py::arg("inner"));
   m.def("bn_bwd_reduce", &bn_bwd_reduce, py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("mask"),
         py::arg("mean"), py::arg("C"), py::arg("inner"), py::arg("sum_g"), py::arg("sum_gx"));
+  m.def("bn_forward", &bn_forward, py::arg("x"), py::arg("skip"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("training"), py::arg("eps"), py::arg("out"),
+        py::arg("mask"), py::arg("mean"), py::arg("invstd"), py::arg("var"), py::arg("C"), py::arg("inner"));
+  m.def("bn_backward", &bn_backward, py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("mask"), py::arg("mean"),
+        py::arg("invstd"), py::arg("weight"), py::arg("training"), py::arg("param_grads"), py::arg("dx"),
+        py::arg("dskip"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("C"), py::arg("inner"));
+  m.def("bn_update_running", &bn_update_running, py::arg("running_mean"), py::arg("running_var"), py::arg("mean"),
+        py::arg("var"), py::arg("count"), py::arg("momentum"));
   m.def("bn_bwd_apply", &bn_bwd_apply, py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("mask"),
         py::arg("mean"), py::arg("a"), py::arg("b"), py::arg("d"), py::arg("dx"), py::arg("dskip"),
         py::arg("C"), py::arg("inner"));
