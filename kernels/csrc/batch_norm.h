@@ -677,11 +677,10 @@ void bn_bwd_reduce(const at::Tensor& dy, const at::Tensor& x, const std::optiona
                                   sum_gx.data_ptr<float>()));
 }
 
-void bn_bwd_apply(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& out,
-                  const std::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& a,
-                  const at::Tensor& b, const at::Tensor& d, const at::Tensor& dx,
-                  const std::optional<at::Tensor>& dskip, int64_t C, int64_t inner) {
-  constexpr const char* op = "bn_bwd_apply";
+// The activations of a backward pass beside x (dy, dx, dskip, the gate: out or mask) and the mean.
+void bn_check_backward_pass(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& out,
+                            const std::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& dx,
+                            const std::optional<at::Tensor>& dskip, int64_t C, int64_t inner, const char* op) {
   bn_check_x(x, C, inner, op);
   bn_check_like(dy, x, op, "dy");
   bn_check_like(dx, x, op, "dx");
@@ -689,6 +688,14 @@ void bn_bwd_apply(const at::Tensor& dy, const at::Tensor& x, const std::optional
   TORCH_CHECK(out.has_value() || mask.has_value(), op, ": pass out or mask (the ReLU gate)");
   if (out.has_value()) bn_check_like(*out, x, op, "out");
   bn_check_vec(mean, C, op, "mean");
+}
+
+void bn_bwd_apply(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& out,
+                  const std::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& a,
+                  const at::Tensor& b, const at::Tensor& d, const at::Tensor& dx,
+                  const std::optional<at::Tensor>& dskip, int64_t C, int64_t inner) {
+  constexpr const char* op = "bn_bwd_apply";
+  bn_check_backward_pass(dy, x, out, mask, mean, dx, dskip, C, inner, op);
   bn_check_vec(a, C, op, "a");
   bn_check_vec(b, C, op, "b");
   bn_check_vec(d, C, op, "d");
@@ -793,13 +800,7 @@ void bn_backward(const at::Tensor& dy, const at::Tensor& x, const std::optional<
                  const std::optional<at::Tensor>& dskip, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                  int64_t C, int64_t inner) {
   constexpr const char* op = "bn_backward";
-  bn_check_x(x, C, inner, op);
-  bn_check_like(dy, x, op, "dy");
-  bn_check_like(dx, x, op, "dx");
-  if (dskip.has_value()) bn_check_like(*dskip, x, op, "dskip");
-  TORCH_CHECK(out.has_value() || mask.has_value(), op, ": pass out or mask (the ReLU gate)");
-  if (out.has_value()) bn_check_like(*out, x, op, "out");
-  bn_check_vec(mean, C, op, "mean");
+  bn_check_backward_pass(dy, x, out, mask, mean, dx, dskip, C, inner, op);
   bn_check_vec(invstd, C, op, "invstd");
   bn_check_vec(grad_weight, C, op, "grad_weight");
   bn_check_vec(grad_bias, C, op, "grad_bias");
