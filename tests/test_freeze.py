@@ -65,7 +65,7 @@ def test_block_tails_run_fused_epilogues(monkeypatch):
     monkeypatch.setattr(FoldedConv, "conv_add_relu",
                         lambda self, *a: (lambda out: calls.append("onednn" if out is not None else "none") or out)(
                             real_tail(self, *a)))
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 64, 64)  # layer 4 at 2x2 (1x1 outputs keep the unfused tail: see conv_add_relu)
     models = {"resnet50": torchvision.models.resnet50(num_classes=10),
               "resnet18": torchvision.models.resnet18(num_classes=10)}
     for name, expected in (("resnet50", ["onednn"] * 16), ("resnet18", ["onednn"] * 8)):
@@ -228,6 +228,8 @@ def test_cpu_float32_convolutions_run_on_onednn_with_packed_weights_that_follow_
         assert conv.conv_add_relu(x, other.to(memory_format=torch.channels_last)) is None
         assert conv.conv_add_relu(x, other.double()) is None
         assert conv.conv_add_relu(x, other[:1]) is None
+        one_pixel = x[:, :, :1, :1].contiguous()
+        assert conv.conv_add_relu(one_pixel, torch.randn(conv.output_shape(one_pixel))) is None
         assert len(conv._packed) == 1
         conv.weight.mul_(-2.0)  # an in-place edit
         torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-5)

@@ -25,6 +25,7 @@ torch.export the frozen blocks, as the converted ones, emit their plain aten exp
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -90,10 +91,13 @@ class FoldedConv(nn.Module):
     def conv_add_relu(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
         """``relu(conv(x) + other)`` as one oneDNN call, the add and the ReLU its post-ops (CPU, float32,
         Python only), or None where that does not apply or does not pay: ``other`` must be a plain float32
-        CPU tensor of the output's shape in x's memory format, of at most :data:`ONEDNN_TAIL_MAX_BYTES`."""
+        CPU tensor of the output's shape in x's memory format, of at most :data:`ONEDNN_TAIL_MAX_BYTES`,
+        the output more than one pixel."""
+        shape = self.output_shape(x)
         if not (self._onednn(x) and type(other) is torch.Tensor and other.dtype == torch.float32
-                and other.device.type == "cpu" and tuple(other.shape) == self.output_shape(x)
+                and other.device.type == "cpu" and tuple(other.shape) == shape
                 and other.numel() * other.element_size() <= ONEDNN_TAIL_MAX_BYTES
+                and math.prod(shape[2:]) > 1  # torch 2.11's oneDNN refuses 1x1 outputs ("could not create a memory")
                 and _same_dense_format(x, other)):
             return None
         return self._onednn_conv(x, "relu", other)
