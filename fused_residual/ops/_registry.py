@@ -94,7 +94,7 @@ class OpSpec:
     ``setup_context(ctx, inputs, output)`` / ``backward(ctx, *grads)``
                                the autograd formulas (``register_autograd``'s); None: no autograd
     ``reference(*args)``       the eager formula with the op's signature and outputs, used under forward-mode
-                               AD and torch.func transforms
+                               AD and torch.func transforms; None: the op itself (its caller handles them)
     ``lowering(*args)``        what a call emits while torch.compile / torch.export trace it under the
                                ``"inductor"`` policy (an aten expression Inductor can fuse); None: the op
                                itself (its caller then lowers at its own level, see ``batch_norm.py``)
@@ -144,7 +144,7 @@ class RegisteredOp:
         if not _direct.plain_eager(*tensors):
             if self.spec.lowering is not None and plain_under_compile():
                 return self.spec.lowering(*args)
-            if _direct.transformed():
+            if self.spec.reference is not None and _direct.transformed():
                 warnings.warn(f"fused_residual: {self.name} under forward-mode AD or a torch.func transform runs "
                               "the eager formulas (the fused ops have no rules for those)", stacklevel=3)
                 return self.spec.reference(*args)
