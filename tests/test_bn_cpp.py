@@ -361,7 +361,7 @@ def test_instruction_sets_agree():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,kind", [CASES[i] for i in (0, 1, 4, 8, 9)], ids=[IDS[i] for i in (0, 1, 4, 8, 9)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_whole_ops_equal_the_primitives_composed(shape, kind, dtype, training):
+def test_whole_ops_equal_the_primitives_composed(shape, kind, dtype, training, monkeypatch):
     """bn_forward and bn_backward (one C++ call each, the per-channel arithmetic in C++) give bit for bit
     what the four primitives give with that arithmetic as float32 tensor operations, outputs and
     statistics, gradients and dw / db, with a skip or not, a mask or the output as the gate, parameters in
@@ -373,18 +373,26 @@ def test_whole_ops_equal_the_primitives_composed(shape, kind, dtype, training):
     x, skip, dy = make(shape, kind, dtype, 2.0, 0.5), make(shape, kind, dtype), make(shape, kind, dtype)
     w = (torch.rand(C) + 0.5).to(dtype if dtype != torch.float32 else torch.float32)
     b, rm, rv = torch.randn(C), torch.randn(C), torch.rand(C) + 0.5
+
+    def both(run, *args):
+        """run(*args) with the cpp backend's whole ops, then with its primitives composed."""
+        got = run(*args)
+        with monkeypatch.context() as m:
+            m.setitem(bn.FORWARD, "cpp", bn._forward_by_primitives)
+            m.setitem(bn.BACKWARD, "cpp", bn._backward_by_primitives)
+            return got, run(*args)
+
     with fr.use_backend("cpp"):
         for s, weight, bias in ((skip, w, b), (None, None, None)):
             for save_mask in (True, False):
-                args = (x, s, weight, bias, rm, rv, training, 1e-5, save_mask)
-                got, ref = bn._cpp_forward(*args), bn._forward_by_primitives(*args)
+                got, ref = both(bn._forward, x, s, weight, bias, rm, rv, training, 1e-5, save_mask)
                 for name, g, r in zip(("out", "mask", "mean", "invstd", "var"), got, ref):
                     assert g.dtype == r.dtype and torch.equal(g, r), name
                 out, mask, mean, invstd, _ = got
                 gate = dict(out=None, mask=mask) if save_mask else dict(out=out, mask=None)
-                bargs = (dy, x, gate["out"], gate["mask"], mean, invstd, weight, training, s is not None, True)
-                for name, g, r in zip(("dx", "dskip", "dw", "db"), bn._cpp_backward(*bargs),
-                                      bn._backward_by_primitives(*bargs)):
+                got, ref = both(bn._batch_norm_relu_backward, dy, x, gate["out"], gate["mask"], mean, invstd, weight,
+                                training, s is not None, True)
+                for name, g, r in zip(("dx", "dskip", "dw", "db"), got, ref):
                     assert torch.equal(g, r), name
 
 

@@ -137,11 +137,17 @@ def _triton_primitives():
     return _bn_triton
 
 
-def _cpp_primitives():
+def _cpp_kernels():
+    """The C++ extension, which must have the BatchNorm kernels (primitives and whole ops)."""
     m = _cpp.module()
-    if not hasattr(m, "bn_stats"):
+    if not hasattr(m, "bn_forward"):
         raise _backend.BackendUnavailable("the 'cpp' backend was built without the BatchNorm kernels: "
                                           "rebuild it (pip install --no-build-isolation -e .)")
+    return m
+
+
+def _cpp_primitives():
+    m = _cpp_kernels()
     return types.SimpleNamespace(stats=m.bn_stats, apply=m.bn_apply, bwd_reduce=m.bn_bwd_reduce,
                                  bwd_apply=m.bn_bwd_apply)
 
@@ -188,13 +194,9 @@ def check(op: str, x, skip, running_mean, running_var, weight, bias, training: b
 # Forward
 
 
-def _forward_by_primitives(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float,
-                           save_mask: bool):
+def _forward_by_primitives(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float, out,
+                           mask, C: int, inner: int):
     """The forward from the four primitives, with the per-channel arithmetic as tensor operations."""
-    C = x.shape[1]
-    fmt = canonical_format(x)
-    x = in_format(x, fmt)
-    inner = inner_size(x, fmt)
     f32 = dict(dtype=torch.float32, device=x.device)
     if training:
         mean, var = torch.empty(C, **f32), torch.empty(C, **f32)
@@ -208,42 +210,35 @@ def _forward_by_primitives(x, skip, weight, bias, running_mean, running_var, tra
     invstd = torch.rsqrt(var + eps)
     scale = invstd * weight.float() if weight is not None else invstd
     shift = bias.to(torch.float32, copy=True).contiguous() if bias is not None else torch.zeros(C, **f32)
-    out = _alloc.empty_like(x)
-    mask = _alloc.empty(mask_numel(x.numel()) if save_mask else 0, x, dtype=torch.uint8)
     if x.numel():
-        primitives(x.device).apply(x, None if skip is None else in_format(skip, fmt), mean, scale.contiguous(),
-                                   shift, out, mask if save_mask else None, C, inner)
-    return out, mask, mean, invstd, var
+        primitives(x.device).apply(x, skip, mean, scale.contiguous(), shift, out, mask, C, inner)
+    return mean, invstd, var
 
 
-def _cpp_whole_ops():
-    m = _cpp.module()
-    if not hasattr(m, "bn_forward"):
-        raise _backend.BackendUnavailable("the 'cpp' backend was built without the whole-op BatchNorm kernels: "
-                                          "rebuild it (pip install --no-build-isolation -e .)")
-    return m
-
-
-def _cpp_forward(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float, save_mask: bool):
+def _cpp_forward(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float, out, mask, C: int,
+                 inner: int):
     """The forward as one C++ call: statistics, per-channel scale and shift, normalise (+ add) + ReLU. On
     small tensors the tensor operations between the primitives would cost as much as the passes."""
-    cpu = _cpp_whole_ops()
-    C = x.shape[1]
-    fmt = canonical_format(x)
-    x = in_format(x, fmt)
     mean, invstd, var = (torch.empty(C, dtype=torch.float32) for _ in range(3))
-    out = _alloc.empty_like(x)
-    mask = _alloc.empty(mask_numel(x.numel()) if save_mask else 0, x, dtype=torch.uint8)
-    cpu.bn_forward(x, None if skip is None else in_format(skip, fmt), weight, bias, running_mean, running_var,
-                   training, eps, out, mask if save_mask else None, mean, invstd, var, C, inner_size(x, fmt))
-    return out, mask, mean, invstd, var
+    _cpp_kernels().bn_forward(x, skip, weight, bias, running_mean, running_var, training, eps, out, mask, mean,
+                              invstd, var, C, inner)
+    return mean, invstd, var
 
 
+# Each backend's forward: (x, skip, weight, bias, running_mean, running_var, training, eps, out, mask or None,
+# C, inner) -> (mean, invstd, var), the activations already in one layout and out / mask allocated.
 FORWARD = {"triton": _forward_by_primitives, "cpp": _cpp_forward, "eager": _forward_by_primitives}
 
 
 def _forward(x, skip, weight, bias, running_mean, running_var, training: bool, eps: float, save_mask: bool):
-    return dispatch(FORWARD, x.device)(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask)
+    fmt = canonical_format(x)
+    x = in_format(x, fmt)
+    out = _alloc.empty_like(x)
+    mask = _alloc.empty(mask_numel(x.numel()) if save_mask else 0, x, dtype=torch.uint8)
+    mean, invstd, var = dispatch(FORWARD, x.device)(
+        x, None if skip is None else in_format(skip, fmt), weight, bias, running_mean, running_var, training, eps,
+        out, mask if save_mask else None, x.shape[1], inner_size(x, fmt))
+    return out, mask, mean, invstd, var
 
 
 def _fake_outputs(x, save_mask: bool):
@@ -305,36 +300,28 @@ def _batch_norm_relu_backward(grad: torch.Tensor, x: torch.Tensor, out: Optional
                               weight: Optional[torch.Tensor], training: bool, skip_grad: bool, param_grads: bool
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward(grad, x, out, mask, mean, invstd)
-    return dispatch(BACKWARD, x.device)(grad, x, out, mask, mean, invstd, weight, training, skip_grad, param_grads)
-
-
-def _cpp_backward(grad, x, out, mask, mean, invstd, weight, training: bool, skip_grad: bool, param_grads: bool):
-    """The backward as one C++ call: sums, per-channel coefficients, dx (and dskip); dw and db come back."""
-    cpu = _cpp_whole_ops()
-    C = x.shape[1]
     fmt = canonical_format(x)
     x, grad = in_format(x, fmt), in_format(grad, fmt)
     dx = _alloc.empty_like(x)
     dskip = _alloc.empty_like(x) if skip_grad else x.new_empty(0)
-    dw, db = torch.empty(C, dtype=torch.float32), torch.empty(C, dtype=torch.float32)
-    cpu.bn_backward(grad, x, None if out is None else in_format(out, fmt), None if mask is None else mask.contiguous(),
-                    mean.contiguous(), invstd.contiguous(), weight, training, param_grads, dx,
-                    dskip if skip_grad else None, dw, db, C, inner_size(x, fmt))
+    dw, db = dispatch(BACKWARD, x.device)(
+        grad, x, None if out is None else in_format(out, fmt), None if mask is None else mask.contiguous(), mean,
+        invstd, weight, training, param_grads, dx, dskip if skip_grad else None, x.shape[1], inner_size(x, fmt))
     return dx, dskip, dw, db
 
 
-def _backward_by_primitives(grad, x, out, mask, mean, invstd, weight, training: bool, skip_grad: bool,
-                            param_grads: bool):
+def _cpp_backward(grad, x, out, mask, mean, invstd, weight, training: bool, param_grads: bool, dx, dskip, C: int,
+                  inner: int):
+    """The backward as one C++ call: sums, per-channel coefficients, dx (and dskip); dw and db come back."""
+    dw, db = torch.empty(C, dtype=torch.float32), torch.empty(C, dtype=torch.float32)
+    _cpp_kernels().bn_backward(grad, x, out, mask, mean.contiguous(), invstd.contiguous(), weight, training,
+                               param_grads, dx, dskip, dw, db, C, inner)
+    return dw, db
+
+
+def _backward_by_primitives(grad, x, out, mask, mean, invstd, weight, training: bool, param_grads: bool, dx, dskip,
+                            C: int, inner: int):
     """The backward from the primitives, with the per-channel arithmetic as tensor operations."""
-    C = x.shape[1]
-    fmt = canonical_format(x)
-    x = in_format(x, fmt)
-    inner = inner_size(x, fmt)
-    grad = in_format(grad, fmt)
-    if out is not None:
-        out = in_format(out, fmt)
-    if mask is not None:
-        mask = mask.contiguous()
     f32 = dict(dtype=torch.float32, device=x.device)
     sum_g, sum_gx = torch.zeros(C, **f32), torch.zeros(C, **f32)
     kernels = primitives(x.device) if x.numel() else None
@@ -346,14 +333,14 @@ def _backward_by_primitives(grad, x, out, mask, mean, invstd, weight, training: 
         b, d = sum_g / count, invstd * invstd * sum_gx / count
     else:
         b, d = torch.zeros(C, **f32), torch.zeros(C, **f32)
-    dx = _alloc.empty_like(x)
-    dskip = _alloc.empty_like(x) if skip_grad else x.new_empty(0)
     if x.numel():
-        kernels.bwd_apply(grad, x, out, mask, mean, a.contiguous(), b.contiguous(), d.contiguous(), dx,
-                          dskip if skip_grad else None, C, inner)
-    return dx, dskip, sum_gx * invstd, sum_g
+        kernels.bwd_apply(grad, x, out, mask, mean, a.contiguous(), b.contiguous(), d.contiguous(), dx, dskip, C,
+                          inner)
+    return sum_gx * invstd, sum_g
 
 
+# Each backend's backward: (grad, x, out or None, mask or None, mean, invstd, weight, training, param_grads, dx,
+# dskip or None, C, inner) -> (dw, db), the activations already in x's layout and dx / dskip allocated.
 BACKWARD = {"triton": _backward_by_primitives, "cpp": _cpp_backward, "eager": _backward_by_primitives}
 
 
@@ -427,7 +414,7 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
             and running_mean.is_contiguous() and running_var.is_contiguous()
             and _direct.plain_eager(running_mean, running_var, mean, var)
             and _backend.resolve(running_mean.device) == "cpp"):
-        _cpp_whole_ops().bn_update_running(running_mean, running_var, mean, var, count, momentum)
+        _cpp_kernels().bn_update_running(running_mean, running_var, mean, var, count, momentum)
         torch.autograd.graph.increment_version(running_mean)  # written in place, as mul_ / add_ would record
         torch.autograd.graph.increment_version(running_var)
         return
