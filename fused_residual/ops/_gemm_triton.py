@@ -143,10 +143,10 @@ class GemmLaunch:
         self.tma_ready = descriptors is not None
         return self.tma_ready
 
-    def tuning_key(self, config_set: str) -> tuple:
+    def tuning_key(self, gemm_kernels, config_set: str) -> tuple:
         """The problem as the autotuner tells problems apart (plus dtype and device)."""
-        return (config_set, _triton.kernels("gemm_add_relu").m_class(self.M), self.N, self.a1.k, self.k2,
-                self.a1_flat, self.a2_flat, self.o_flat, self.out.dtype, self.out.device)
+        return (config_set, gemm_kernels.m_class(self.M), self.N, self.a1.k, self.k2, self.a1_flat, self.a2_flat,
+                self.o_flat, self.out.dtype, self.out.device)
 
     def grid(self, meta) -> tuple[int]:
         tiles = _triton.cdiv(self.M, meta["BLOCK_M"]) * _triton.cdiv(self.N, meta["BLOCK_N"])
@@ -195,7 +195,7 @@ def _launch_config(gemm_kernels, launch: GemmLaunch, config) -> None:
 
 def _launch_tuned(gemm_kernels, launch: GemmLaunch, config_set: str) -> None:
     tuner = gemm_kernels.AUTOTUNED[config_set]
-    problem = launch.tuning_key(config_set)
+    problem = launch.tuning_key(gemm_kernels, config_set)
     built = False
     if problem in _TUNED_WITHOUT_TMA:
         # Tuned with the TMA configs among the candidates, and a pointer config won: the same autotuner key

@@ -435,22 +435,24 @@ def _autocast_kernel(name: str):
 # ---------------------------------------------------------------------------------------------------------
 # Specs: the aten expressions (fused_residual.reference) are what compiled code sees by default
 
-LINEAR_ADD_RELU = register(OpSpec(
-    "linear_add_relu", _linear_add_relu, _linear_add_relu_fake, _setup_linear, _backward_linear,
-    reference=reference.linear_add_relu, lowering=reference.linear_add_relu,
-    autocast=_autocast_kernel("linear_add_relu")))
-DUAL_LINEAR_ADD_RELU = register(OpSpec(
+def _gemm_spec(name: str, impl, fake, setup_context, backward) -> OpSpec:
+    """A forward GEMM op: its eager formula ``fused_residual.reference.<name>`` is also its lowering, and it
+    casts its inputs under autocast."""
+    formula = getattr(reference, name)
+    return OpSpec(name, impl, fake, setup_context, backward, reference=formula, lowering=formula,
+                  autocast=_autocast_kernel(name))
+
+
+LINEAR_ADD_RELU = register(_gemm_spec(
+    "linear_add_relu", _linear_add_relu, _linear_add_relu_fake, _setup_linear, _backward_linear))
+DUAL_LINEAR_ADD_RELU = register(_gemm_spec(
     "dual_linear_add_relu", _dual_linear_add_relu, _dual_linear_add_relu_fake, _setup_dual_linear,
-    _backward_dual_linear, reference=reference.dual_linear_add_relu, lowering=reference.dual_linear_add_relu,
-    autocast=_autocast_kernel("dual_linear_add_relu")))
-CONV1X1_ADD_RELU = register(OpSpec(
-    "conv1x1_add_relu", _conv1x1_add_relu, _conv1x1_add_relu_fake, _setup_conv, _backward_conv,
-    reference=reference.conv1x1_add_relu, lowering=reference.conv1x1_add_relu,
-    autocast=_autocast_kernel("conv1x1_add_relu")))
-DUAL_CONV1X1_ADD_RELU = register(OpSpec(
+    _backward_dual_linear))
+CONV1X1_ADD_RELU = register(_gemm_spec(
+    "conv1x1_add_relu", _conv1x1_add_relu, _conv1x1_add_relu_fake, _setup_conv, _backward_conv))
+DUAL_CONV1X1_ADD_RELU = register(_gemm_spec(
     "dual_conv1x1_add_relu", _dual_conv1x1_add_relu, _dual_conv1x1_add_relu_fake, _setup_dual_conv,
-    _backward_dual_conv, reference=reference.dual_conv1x1_add_relu, lowering=reference.dual_conv1x1_add_relu,
-    autocast=_autocast_kernel("dual_conv1x1_add_relu")))
+    _backward_dual_conv))
 RELU_GRAD_COLSUM = register(OpSpec(
     "relu_grad_colsum", _relu_grad_colsum, _relu_grad_colsum_fake, _setup_relu_grad_colsum,
     _backward_relu_grad_colsum))

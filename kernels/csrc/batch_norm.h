@@ -629,14 +629,20 @@ void bn_stats(const at::Tensor& x, int64_t C, int64_t inner, const at::Tensor& m
                                             mean.data_ptr<float>(), var.data_ptr<float>()));
 }
 
-void bn_apply(const at::Tensor& x, const std::optional<at::Tensor>& skip, const at::Tensor& mean,
-              const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out,
-              const std::optional<at::Tensor>& mask, int64_t C, int64_t inner) {
-  constexpr const char* op = "bn_apply";
+// The activations of a forward pass beside x (skip, out) and the mean.
+void bn_check_forward_pass(const at::Tensor& x, const std::optional<at::Tensor>& skip, const at::Tensor& out,
+                           const at::Tensor& mean, int64_t C, int64_t inner, const char* op) {
   bn_check_x(x, C, inner, op);
   if (skip.has_value()) bn_check_like(*skip, x, op, "skip");
   bn_check_like(out, x, op, "out");
   bn_check_vec(mean, C, op, "mean");
+}
+
+void bn_apply(const at::Tensor& x, const std::optional<at::Tensor>& skip, const at::Tensor& mean,
+              const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out,
+              const std::optional<at::Tensor>& mask, int64_t C, int64_t inner) {
+  constexpr const char* op = "bn_apply";
+  bn_check_forward_pass(x, skip, out, mean, C, inner, op);
   bn_check_vec(scale, C, op, "scale");
   bn_check_vec(shift, C, op, "shift");
   const int64_t n = x.numel();
@@ -745,10 +751,7 @@ void bn_forward(const at::Tensor& x, const std::optional<at::Tensor>& skip, cons
                 const std::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& invstd,
                 const at::Tensor& var, int64_t C, int64_t inner) {
   constexpr const char* op = "bn_forward";
-  bn_check_x(x, C, inner, op);
-  if (skip.has_value()) bn_check_like(*skip, x, op, "skip");
-  bn_check_like(out, x, op, "out");
-  bn_check_vec(mean, C, op, "mean");
+  bn_check_forward_pass(x, skip, out, mean, C, inner, op);
   bn_check_vec(invstd, C, op, "invstd");
   bn_check_vec(var, C, op, "var");
   const int64_t n = x.numel();
