@@ -43,9 +43,9 @@ _FROZEN_TRAIN = ("fused_residual.freeze: this model is frozen for inference (its
 
 
 # Block tails up to this output size run as one oneDNN convolution with the residual add and the ReLU as
-# post-ops; larger ones as the convolution, then our add + ReLU pass (conv1x1_add_relu's CPU path).
-# ResNet-50 1x1 tails at batch 8, 2-core VM, fp32 channels_last, ms for one oneDNN call against the
-# convolution + pass (benchmarks/results/cpu-2026-12-07b/onednn_tail.txt): outputs of 0.8-6.4 MB (112 px)
+# post-ops; larger ones (and 1x1 outputs) as the packed convolution, then our add + ReLU pass. ResNet-50 1x1
+# tails at batch 8, 2-core VM, fp32 channels_last, ms for one oneDNN call against conv1x1_add_relu's CPU
+# path, a convolution + pass (benchmarks/results/cpu-2026-12-07b/onednn_tail.txt): outputs of 0.8-6.4 MB (112 px)
 # 0.49-0.59 against 0.54-1.01; 3.2 MB (224 px, layer 4) 1.85 / 2.33; 6.4 and 12.8 MB equal (1.94 / 1.94,
 # 2.11 / 2.12); 25.7 MB (layer 1) 3.49 / 2.68.
 ONEDNN_TAIL_MAX_BYTES = 8 << 20
