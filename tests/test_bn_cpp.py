@@ -139,13 +139,19 @@ def test_apply_against_fp64_and_mask(shape, kind, dtype, with_skip):
     assert torch.equal(out2, out)
 
 
-def test_apply_relu_semantics_nan_and_signed_zero():
-    x = torch.tensor([float("nan"), 0.0, -1.0, 2.0, -0.0, 3.0, float("inf"), -float("inf"), 1.0])
-    x = x.view(9, 1)
-    mean, scale, shift = torch.zeros(1), torch.ones(1), torch.full((1,), -0.0)  # y = x exactly, -0.0 too
+# Channel counts that take each path of the channels-last kernels: the generic one (C = 1, 5), one vector
+# per step (C = 8, 16 for 16-bit dtypes) and four vectors per step (C = 32, 64).
+PATH_CHANNELS = [1, 5, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("C", PATH_CHANNELS)
+def test_apply_relu_semantics_nan_and_signed_zero(C):
+    values = torch.tensor([float("nan"), 0.0, -1.0, 2.0, -0.0, 3.0, float("inf"), -float("inf"), 1.0])
+    x = values[torch.randint(0, len(values), (9 * C,))].view(9, C)
+    mean, scale, shift = torch.zeros(C), torch.ones(C), torch.full((C,), -0.0)  # y = x exactly, -0.0 too
     out = like(x)
-    mask = torch.zeros(2, dtype=torch.uint8)
-    M.bn_apply(x, None, mean, scale, shift, out, mask, 1, 1)
+    mask = torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8)
+    M.bn_apply(x, None, mean, scale, shift, out, mask, C, 1)
     expect = torch.relu(x)  # CPU eager: NaN passes, relu(-0.0) = -0.0
     assert torch.equal(out.isnan(), expect.isnan())
     ok = ~expect.isnan()
@@ -153,13 +159,16 @@ def test_apply_relu_semantics_nan_and_signed_zero():
     assert torch.equal(mask, pack_mask(out))
 
 
-def test_apply_mask_of_rounded_value():
-    """A positive float32 result that rounds to 0 in bf16 must get gate 0: the mask is of the stored value."""
-    x = torch.full((64, 1), 1e-40, dtype=torch.bfloat16)
-    mean, scale, shift = torch.zeros(1), torch.ones(1), torch.full((1,), 1e-45)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", PATH_CHANNELS)
+def test_apply_mask_of_rounded_value(C, dtype):
+    """A positive float32 result that rounds to 0 in 16 bits must get gate 0: the mask is of the stored value."""
+    x = torch.where(torch.rand(64, C) < 0.5, 0.0, 1.0).to(dtype)  # y = 1e-45 where x = 0: stored as +0
+    mean, scale, shift = torch.zeros(C), torch.ones(C), torch.full((C,), 1e-45)
     out = like(x)
-    mask = torch.zeros(8, dtype=torch.uint8)
-    M.bn_apply(x, None, mean, scale, shift, out, mask, 1, 1)
+    mask = torch.zeros(8 * C, dtype=torch.uint8)
+    M.bn_apply(x, None, mean, scale, shift, out, mask, C, 1)
+    assert (out == 0).any() and (out > 0).any()
     assert torch.equal(mask, pack_mask(out))
 
 
@@ -236,9 +245,9 @@ def test_bwd_apply_against_fp64(shape, kind, dtype, with_dskip):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["nchw", "cl"])
-def test_bwd_nan_inf_where_gate_is_off(dtype, kind):
-    shape = (3, 5, 7, 5)
+@pytest.mark.parametrize("shape,kind", [((3, 5, 7, 5), "nchw"), ((3, 5, 7, 5), "cl"), ((3, 16, 7, 5), "cl"),
+                                        ((3, 64, 7, 5), "cl")])
+def test_bwd_nan_inf_where_gate_is_off(dtype, shape, kind):
     x, out, mask, mean, dy, C, inner = fwd_for_bwd(shape, kind, dtype)
     gate = gate_of(out)
     assert (~gate).any() and gate.any()

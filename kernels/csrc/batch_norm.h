@@ -11,8 +11,8 @@
 // order), and the per-unit partials are merged per channel in unit order in fp64. The thread count only
 // decides who computes which unit.
 //
-// Statistics are stable: each unit sums x - K with K = the unit's first value of that channel (shifted
-// data, exact for nearby values), giving (count, mean, M2); the units are merged with Chan's formula.
+// Statistics are stable: every unit sums x - K_c with K_c = the channel's first value (shifted data, exact
+// for nearby values), and the units' shifted sums are added in fp64 (see stats_t).
 #pragma once
 
 #include <torch/extension.h>
@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace fused_residual {
@@ -29,7 +30,7 @@ namespace CPU_CAPABILITY {
 namespace bn {
 
 // Elements per reduction unit (the unit partition depends on the shape only).
-constexpr int64_t kStatElems = 16384;
+constexpr int64_t kStatElems = 32768;
 // Elementwise passes work in sub-blocks of this many elements (a multiple of kChunk): the mask of a
 // sub-block is packed from the stored output while it is still in cache.
 constexpr int64_t kSub = 2048;
@@ -91,20 +92,6 @@ struct Moments {
   double n = 0, mean = 0, m2 = 0;
 };
 
-// Chan et al.: merge b into a.
-inline void merge(Moments& a, const Moments& b) {
-  if (b.n == 0) return;
-  if (a.n == 0) {
-    a = b;
-    return;
-  }
-  const double n = a.n + b.n;
-  const double delta = b.mean - a.mean;
-  a.mean += delta * (b.n / n);
-  a.m2 += b.m2 + delta * delta * (a.n * b.n / n);
-  a.n = n;
-}
-
 // (count, mean, M2) of n values from their shifted sums s1 = sum(x - K), s2 = sum((x - K)^2).
 inline Moments from_shifted(int64_t n, float K, double s1, double s2) {
   Moments m;
@@ -143,33 +130,73 @@ inline std::vector<float> padded(const float* p, int64_t C) {
   return v;
 }
 
+// The row-blocked reductions (inner == 1) walk a block of rows register block by register block, each row
+// kW elements at a time with a stride of C: a pattern the hardware prefetchers follow poorly. While one
+// register block is summed, the same rows' next block (p + kW; `left` elements of the row from p on) is
+// fetched into the cache.
+template <typename T>
+inline void prefetch_next(const T* p, int64_t left) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t e = kW; e < std::min<int64_t>(left, 2 * kW); e += kLine) __builtin_prefetch(p + e);
+}
+
 // Grain (in units) for at::parallel_for over units of `unit` elements: about kStatElems * 2 per task.
 inline int64_t unit_grain(int64_t unit) { return std::max<int64_t>(1, 2 * kStatElems / std::max<int64_t>(unit, 1)); }
 
+// The per-channel totals of two sets of unit partials, each channel's units added in unit order in fp64.
+// Unit (o, c, s) is at (o * C + c) * nseg + s: o a row block (inner == 1, nseg = 1) or an outer index, s a
+// segment of the plane. Walked in storage order (o outermost), not channel by channel with a stride.
+inline void sum_partials(const std::vector<double>& p1, const std::vector<double>& p2, int64_t C, int64_t O,
+                         int64_t nseg, std::vector<double>& s1, std::vector<double>& s2) {
+  s1.assign(static_cast<size_t>(C), 0.0);
+  s2.assign(static_cast<size_t>(C), 0.0);
+  for (int64_t o = 0; o < O; ++o) {
+    const double* q1 = p1.data() + o * C * nseg;
+    const double* q2 = p2.data() + o * C * nseg;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < nseg; ++s) {
+        s1[c] += q1[c * nseg + s];
+        s2[c] += q2[c * nseg + s];
+      }
+  }
+}
+
 // ---- bn_stats ------------------------------------------------------------------------------------------
+// Shifted data: every value of channel c is taken relative to K_c, the channel's first value in storage
+// (exact for nearby values, so no cancellation for data far from zero). Each unit sums d = x - K_c and d^2
+// in fp32; the units' sums are added per channel in unit order in fp64, and mean = K + S1 / n,
+// var = (S2 - S1^2 / n) / n. One shift per channel makes the merge two additions per unit, not a
+// Chan update with divisions: at thousands of channels the merge would cost as much as the pass.
 template <typename T>
 void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, float* var_out) {
   const int64_t outer = n / (C * inner);
-  std::vector<Moments> part;
-  // partials per channel: (block b, channel c) at part[b * C + c] (inner == 1), else unit
-  // (o * C + c) * nseg + s for segment s of plane (o, c)
+  std::vector<float> shift(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(x[c * inner]);
+  const std::vector<float> pk = padded(shift.data(), C);  // zeros past C: there x = 0 too, so d = 0
+  std::vector<double> p1, p2;
+  // partials per channel: (block b, channel c) at b * C + c (inner == 1), else unit (o * C + c) * nseg + s
+  // for segment s of plane (o, c)
   int64_t per_channel = 0, nseg = 1;
   if (inner == 1) {
     const int64_t R = std::max<int64_t>(1, kStatElems / C);  // rows per block
     const int64_t blocks = (outer + R - 1) / R;
     per_channel = blocks;
-    part.resize(static_cast<size_t>(blocks * C));
+    p1.resize(static_cast<size_t>(blocks * C));
+    p2.resize(static_cast<size_t>(blocks * C));
     at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
-      float k1[kW], t1[kW], t2[kW];
+      float t1[kW], t2[kW];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
         for (int64_t c0 = 0; c0 < C; c0 += kW) {
           const int64_t w = std::min<int64_t>(kW, C - c0);
           fVec K[kNV], s1[kNV], s2[kNV], v[kNV];
-          load_f(x + r0 * C + c0, w, K);  // lanes past w: K = 0 and x = 0, so d = 0
-          for (int k = 0; k < kNV; ++k) s1[k] = s2[k] = fVec(0.f);
+          for (int k = 0; k < kNV; ++k) {
+            K[k] = fVec::loadu(pk.data() + c0 + 8 * k);
+            s1[k] = s2[k] = fVec(0.f);
+          }
           auto rows_loop = [&](int64_t width) {
-            for (int64_t r = r0 + 1; r < r1; ++r) {  // row r0 itself adds d = 0
+            for (int64_t r = r0; r < r1; ++r) {
+              prefetch_next(x + r * C + c0, C - c0);
               load_f(x + r * C + c0, width, v);
               for (int k = 0; k < kNV; ++k) {
                 const fVec d = v[k] - K[k];
@@ -180,11 +207,13 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
           };
           if (w == kW) rows_loop(kW); else rows_loop(w);  // the first with a constant width
           for (int k = 0; k < kNV; ++k) {
-            K[k].store(k1 + 8 * k);
             s1[k].store(t1 + 8 * k);
             s2[k].store(t2 + 8 * k);
           }
-          for (int64_t j = 0; j < w; ++j) part[b * C + c0 + j] = from_shifted(r1 - r0, k1[j], t1[j], t2[j]);
+          for (int64_t j = 0; j < w; ++j) {
+            p1[b * C + c0 + j] = t1[j];
+            p2[b * C + c0 + j] = t2[j];
+          }
         }
       }
     });
@@ -193,14 +222,14 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
     nseg = (inner + seg - 1) / seg;
     const int64_t units = outer * C * nseg;  // unit u = (o * C + c) * nseg + s
     per_channel = outer * nseg;
-    part.resize(static_cast<size_t>(units));
+    p1.resize(static_cast<size_t>(units));
+    p2.resize(static_cast<size_t>(units));
     at::parallel_for(0, units, unit_grain(seg), [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t plane = u / nseg, s = u - plane * nseg;
         const int64_t len = std::min(seg, inner - s * seg);
         const T* q = x + plane * inner + s * seg;
-        const float K = static_cast<float>(q[0]);
-        const fVec Kv(K);
+        const fVec Kv(shift[plane % C]);
         fVec s1[kNV], s2[kNV], v[kNV];
         for (int k = 0; k < kNV; ++k) s1[k] = s2[k] = fVec(0.f);
         int64_t i = 0;
@@ -221,26 +250,19 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
             s2[k] = s2[k] + d * d;
           }
         }
-        double a1, a2;
-        hsum_vecs(s1, kNV, a1);
-        hsum_vecs(s2, kNV, a2);
-        part[u] = from_shifted(len, K, a1, a2);
+        hsum_vecs(s1, kNV, p1[u]);
+        hsum_vecs(s2, kNV, p2[u]);
       }
     });
   }
-  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(per_channel, 1)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Moments m;
-      if (inner == 1) {
-        for (int64_t b = 0; b < per_channel; ++b) merge(m, part[b * C + c]);
-      } else {
-        for (int64_t o = 0; o < outer; ++o)
-          for (int64_t s = 0; s < nseg; ++s) merge(m, part[(o * C + c) * nseg + s]);
-      }
-      mean_out[c] = static_cast<float>(m.mean);
-      var_out[c] = static_cast<float>(m.n > 0 ? m.m2 / m.n : 0.0);
-    }
-  });
+  const int64_t count = outer * inner;
+  std::vector<double> a1, a2;
+  sum_partials(p1, p2, C, inner == 1 ? per_channel : outer, nseg, a1, a2);
+  for (int64_t c = 0; c < C; ++c) {
+    const Moments m = from_shifted(count, shift[c], a1[c], a2[c]);
+    mean_out[c] = static_cast<float>(m.mean);
+    var_out[c] = static_cast<float>(m.m2 / m.n);
+  }
 }
 
 // ---- bn_apply ------------------------------------------------------------------------------------------
@@ -285,34 +307,76 @@ inline uint32_t low_bits(const fVec& r, int64_t cnt) {
   return cnt < 8 ? v & ((1u << cnt) - 1u) : v;
 }
 
-// apply_t for rows of whole vectors (inner == 1, C a multiple of the vector width): row by row, no
-// segment bookkeeping, the shortcut and the mask chosen at compile time, each vector's 8 gate bits one
-// whole mask byte (rows start at multiples of 8 elements, so no byte is shared by two threads).
-template <typename T, bool kSkip, bool kMask>
+// NV fVecs (8 * NV elements) stored at p, rounded to T; with kRound, v becomes the values stored.
+template <typename T, int NV, bool kRound>
+inline void store_f(T* p, fVec (&v)[NV]) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int k = 0; k < NV; ++k) v[k].store(p + 8 * k);
+  } else {
+    static_assert(NV % 2 == 0, "NV must hold whole Vectorized<T>");
+    for (int q = 0; q < NV / 2; ++q) {
+      const auto h = at::vec::convert_from_float<T>(v[2 * q], v[2 * q + 1]);
+      h.store(p + 16 * q);
+      if (kRound) std::tie(v[2 * q], v[2 * q + 1]) = at::vec::convert_to_float<T>(h);
+    }
+  }
+}
+
+// The rows paths (inner == 1, C a multiple of 8 * NV): row by row, NV vectors of channels per step, no
+// segment bookkeeping, the shortcut and the gate's form chosen at compile time. A step starts at a multiple
+// of 8 elements, so its gate is NV whole mask bytes, written or read at once (no byte is shared by threads).
+template <int NV>
+inline void store_mask_bytes(uint8_t* p, const fVec (&r)[NV]) {
+  uint32_t bits = 0;
+  for (int k = 0; k < NV; ++k) bits |= uint32_t(keep_bits(r[k])) << (8 * k);
+  std::memcpy(p, &bits, NV);  // little-endian: byte k = vector k
+}
+
+template <int NV>
+inline void gate_from_bytes(fVec (&g)[NV], const uint8_t* p) {
+  uint32_t bits = 0;
+  std::memcpy(&bits, p, NV);
+  for (int k = 0; k < NV; ++k) g[k] = gate_bits(g[k], static_cast<uint8_t>(bits >> (8 * k)));
+}
+
+template <typename T, int NV, bool kSkip, bool kMask>
 void apply_rows_t(const T* x, const T* skip, const float* pa, const float* pb, T* out, uint8_t* mask, int64_t rows,
                   int64_t C) {
-  using P = Pack<T>;
-  constexpr int64_t S = P::size();
+  constexpr int64_t S = 8 * NV;
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
-    fVec xv[P::kVecs], sv[P::kVecs], r[P::kVecs];
+    fVec xv[NV], sv[NV], r[NV];
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t base = row * C;
       for (int64_t c = 0; c < C; c += S) {
         const int64_t i = base + c;
-        P::load(x + i, S, xv);
-        if (kSkip) P::load(skip + i, S, sv);
-        for (int k = 0; k < P::kVecs; ++k) {
+        load_f(x + i, S, xv);
+        if (kSkip) load_f(skip + i, S, sv);
+        for (int k = 0; k < NV; ++k) {
           fVec y = xv[k] * fVec::loadu(pa + c + 8 * k) + fVec::loadu(pb + c + 8 * k);
           if (kSkip) y = y + sv[k];
           r[k] = relu_vec(y);
         }
-        store_rounded(out + i, S, r);
-        if (kMask) {
-          for (int k = 0; k < P::kVecs; ++k) mask[(i >> 3) + k] = keep_bits(r[k]);
-        }
+        store_f<T, NV, kMask>(out + i, r);  // the mask is the gate of what was stored
+        if (kMask) store_mask_bytes(mask + (i >> 3), r);
       }
     }
   });
+}
+
+template <typename T, int NV>
+void apply_rows(const T* x, const T* skip, const float* a, const float* b, T* out, uint8_t* mask, int64_t rows,
+                int64_t C) {
+  if (skip && mask) apply_rows_t<T, NV, true, true>(x, skip, a, b, out, mask, rows, C);
+  else if (skip) apply_rows_t<T, NV, true, false>(x, skip, a, b, out, mask, rows, C);
+  else if (mask) apply_rows_t<T, NV, false, true>(x, skip, a, b, out, mask, rows, C);
+  else apply_rows_t<T, NV, false, false>(x, skip, a, b, out, mask, rows, C);
+}
+
+// Vectors per step of the rows paths for C channels of T: 4 (32 channels) where C allows, else one
+// Vectorized<T>; 0: C is not a multiple of the vector width (the generic path).
+template <typename T>
+constexpr int rows_step(int64_t C) {
+  return C % kW == 0 ? kNV : C % Pack<T>::size() == 0 ? Pack<T>::kVecs : 0;
 }
 
 // out = relu((x * alpha + beta) + skip), alpha = scale and beta = shift - mean * scale per channel (as
@@ -331,15 +395,9 @@ void apply_t(const T* x, const T* skip, const float* mean, const float* scale, c
   if (inner == 1) {
     pa = padded(alpha.data(), C);
     pb = padded(beta.data(), C);
-    if (C % P::size() == 0) {
-      const int64_t rows = n / C;
-      const float *a = pa.data(), *b = pb.data();
-      if (skip && mask) apply_rows_t<T, true, true>(x, skip, a, b, out, mask, rows, C);
-      else if (skip) apply_rows_t<T, true, false>(x, skip, a, b, out, mask, rows, C);
-      else if (mask) apply_rows_t<T, false, true>(x, skip, a, b, out, mask, rows, C);
-      else apply_rows_t<T, false, false>(x, skip, a, b, out, mask, rows, C);
-      return;
-    }
+    const int step = rows_step<T>(C);
+    if (step == kNV) return apply_rows<T, kNV>(x, skip, pa.data(), pb.data(), out, mask, n / C, C);
+    if (step == P::kVecs) return apply_rows<T, P::kVecs>(x, skip, pa.data(), pb.data(), out, mask, n / C, C);
   }
   parallel_chunks(n, [&](int64_t i0, int64_t i1) {
     fVec xv[P::kVecs], sv[P::kVecs], r[P::kVecs];
@@ -431,9 +489,12 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
           auto rows_loop = [&](int64_t width) {
             for (int64_t r = r0; r < r1; ++r) {
               const int64_t i = r * C + c0;
+              prefetch_next(dy + i, C - c0);
+              prefetch_next(x + i, C - c0);
               load_f(dy + i, width, g);
               load_f(x + i, width, xv);
-              gate.apply(g, i, width);
+              if (mask != nullptr && width == kW && C % 8 == 0) gate_from_bytes(g, mask + (i >> 3));  // whole bytes
+              else gate.apply(g, i, width);
               for (int k = 0; k < kNV; ++k) {
                 sg[k] = sg[k] + g[k];
                 sgx[k] = sgx[k] + g[k] * (xv[k] - M[k]);
@@ -484,28 +545,55 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
       }
     });
   }
-  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(per_channel, 1)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double a = 0, b = 0;
-      if (inner == 1) {
-        for (int64_t u = 0; u < per_channel; ++u) {
-          a += pg[u * C + c];
-          b += pgx[u * C + c];
+  std::vector<double> a1, a2;
+  sum_partials(pg, pgx, C, inner == 1 ? per_channel : outer, nseg, a1, a2);
+  for (int64_t c = 0; c < C; ++c) {
+    sum_g[c] = static_cast<float>(a1[c]);
+    sum_gx[c] = static_cast<float>(a2[c]);
+  }
+}
+
+// ---- bn_bwd_apply --------------------------------------------------------------------------------------
+// bwd_apply_t's rows path (see apply_rows_t).
+template <typename T, int NV, bool kSkip, bool kMask>
+void bwd_apply_rows_t(const T* dy, const T* x, const T* out, const uint8_t* mask, const float* pm, const float* pa,
+                      const float* pb, const float* pd, T* dx, T* dskip, int64_t rows, int64_t C) {
+  constexpr int64_t S = 8 * NV;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
+    fVec g[NV], xv[NV], o[NV], r[NV];
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t base = row * C;
+      for (int64_t c = 0; c < C; c += S) {
+        const int64_t i = base + c;
+        load_f(dy + i, S, g);
+        load_f(x + i, S, xv);
+        if (kMask) {
+          gate_from_bytes(g, mask + (i >> 3));
+        } else {
+          load_f(out + i, S, o);
+          for (int k = 0; k < NV; ++k) g[k] = fVec::blendv(g[k], fVec(0.f), o[k] <= fVec(0.f));
         }
-      } else {
-        for (int64_t o = 0; o < outer; ++o)
-          for (int64_t s = 0; s < nseg; ++s) {
-            a += pg[(o * C + c) * nseg + s];
-            b += pgx[(o * C + c) * nseg + s];
-          }
+        if (kSkip) store_f<T, NV, false>(dskip + i, g);
+        for (int k = 0; k < NV; ++k) {
+          const int64_t q = c + 8 * k;
+          r[k] = ((g[k] - fVec::loadu(pb + q)) - (xv[k] - fVec::loadu(pm + q)) * fVec::loadu(pd + q)) *
+                 fVec::loadu(pa + q);
+        }
+        store_f<T, NV, false>(dx + i, r);
       }
-      sum_g[c] = static_cast<float>(a);
-      sum_gx[c] = static_cast<float>(b);
     }
   });
 }
 
-// ---- bn_bwd_apply --------------------------------------------------------------------------------------
+template <typename T, int NV>
+void bwd_apply_rows(const T* dy, const T* x, const T* out, const uint8_t* mask, const float* m, const float* a,
+                    const float* b, const float* d, T* dx, T* dskip, int64_t rows, int64_t C) {
+  if (dskip && mask) bwd_apply_rows_t<T, NV, true, true>(dy, x, out, mask, m, a, b, d, dx, dskip, rows, C);
+  else if (dskip) bwd_apply_rows_t<T, NV, true, false>(dy, x, out, mask, m, a, b, d, dx, dskip, rows, C);
+  else if (mask) bwd_apply_rows_t<T, NV, false, true>(dy, x, out, mask, m, a, b, d, dx, dskip, rows, C);
+  else bwd_apply_rows_t<T, NV, false, false>(dy, x, out, mask, m, a, b, d, dx, dskip, rows, C);
+}
+
 // dskip = g; dx = ((g - b) - (x - mean) * d) * a, rounded once.
 template <typename T>
 void bwd_apply_t(const T* dy, const T* x, const T* out, const uint8_t* mask, const float* mean, const float* a,
@@ -519,6 +607,10 @@ void bwd_apply_t(const T* dy, const T* x, const T* out, const uint8_t* mask, con
     pa = padded(a, C);
     pb = padded(b, C);
     pd = padded(d, C);
+    const int step = rows_step<T>(C);
+    const float *m_ = pm.data(), *a_ = pa.data(), *b_ = pb.data(), *d_ = pd.data();
+    if (step == kNV) return bwd_apply_rows<T, kNV>(dy, x, out, mask, m_, a_, b_, d_, dx, dskip, n / C, C);
+    if (step == NV) return bwd_apply_rows<T, NV>(dy, x, out, mask, m_, a_, b_, d_, dx, dskip, n / C, C);
   }
   parallel_chunks(n, [&](int64_t i0, int64_t i1) {
     fVec g[NV], xv[NV], r[NV];

@@ -38,7 +38,13 @@ constexpr int64_t kGrainChunks = 512;
 inline float relu_scalar(float x) { return x < 0.f ? 0.f : x; }  // NaN and -0.0 pass
 inline bool relu_keeps(float out) { return !(out <= 0.f); }    // gradient gate
 
+#if defined(CPU_CAPABILITY_AVX2)
+// maxps returns its second operand when either is NaN and when both are zeros: max(+0, x) is x for NaN
+// and -0.0, 0 for x < 0.
+inline fVec relu_vec(const fVec& x) { return _mm256_max_ps(_mm256_setzero_ps(), x); }
+#else
 inline fVec relu_vec(const fVec& x) { return fVec::blendv(x, fVec(0.f), x < fVec(0.f)); }
+#endif
 // A lambda, not a function, so that map2 inlines it.
 constexpr auto gate_vec = [](const fVec& grad, const fVec& out) {
   return fVec::blendv(grad, fVec(0.f), out <= fVec(0.f));
@@ -61,11 +67,23 @@ inline uint8_t keep_bits(const fVec& y) {
 
 // g where bit j of `bits` is set, +0 elsewhere: an AND with an all-ones or all-zeros lane, so kept values
 // keep their bits.
+#if defined(CPU_CAPABILITY_AVX2)
+// The 256 lane masks of a mask byte (8 KiB, L1-resident): gating is one load and one AND.
+struct GateTable {
+  alignas(32) uint32_t lanes[256][8];
+};
+constexpr GateTable make_gate_table() {
+  GateTable t{};
+  for (int b = 0; b < 256; ++b)
+    for (int j = 0; j < 8; ++j) t.lanes[b][j] = ((b >> j) & 1) ? 0xFFFFFFFFu : 0u;
+  return t;
+}
+inline constexpr GateTable kGateTable = make_gate_table();
+#endif
+
 inline fVec gate_bits(const fVec& g, uint8_t bits) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), sel), sel);
-  return _mm256_and_ps(g, _mm256_castsi256_ps(on));
+  return _mm256_and_ps(g, _mm256_load_ps(reinterpret_cast<const float*>(kGateTable.lanes[bits])));
 #else
   float v[8];
   g.store(v);
