@@ -46,7 +46,7 @@ def cpp_extensions():
     import platform
 
     common = ["-O3", "-fopenmp", "-Wno-unused-function"]  # -fopenmp: at::parallel_for is OpenMP inline code
-    depends = [os.path.join(CSRC, f) for f in ("cpu_kernels.h", "module.h", "batch_norm.h")]
+    depends = [os.path.join(CSRC, f) for f in ("cpu_kernels.h", "module.h", "batch_norm.h", "bn_call.h")]
     exts = [CppExtension("fused_residual._C", [os.path.join(CSRC, "ext_default.cpp")], depends=depends,
                          extra_compile_args=common, extra_link_args=["-fopenmp"])]
     if platform.machine().lower() in ("x86_64", "amd64"):

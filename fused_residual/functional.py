@@ -150,18 +150,7 @@ def _batch_norm_fused(op: str, x, skip, running_mean, running_var, weight, bias,
         _bn.check(op, x, skip, running_mean, running_var, weight, bias, training)
         bn = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.relu(bn if skip is None else bn + skip)
-    tensors = (x, skip, weight, bias)
-    save_mask = save == "mask" and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
-    if skip is None:
-        out, _, mean, _, var = _bn.BATCH_NORM_RELU(x, weight, bias, running_mean, running_var, training, eps,
-                                                   save_mask)
-    else:
-        out, _, mean, _, var = _bn.BATCH_NORM_ADD_RELU(x, skip, weight, bias, running_mean, running_var,
-                                                       training, eps, save_mask)
-    if training and running_mean is not None:
-        _bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-    return out
+    return _bn.call(op, x, skip, running_mean, running_var, weight, bias, training, momentum, eps, save)
 
 
 @public

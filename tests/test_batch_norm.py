@@ -264,3 +264,117 @@ def test_compile_fullgraph(device, backend, policy):
     finally:
         fr.set_compile_policy("inductor")
         torch._dynamo.reset()
+
+
+# ---- the C++ fast path (plain eager, CPU, cpp backend: kernels/csrc/bn_call.h) ---------------------------
+
+
+class _NoOpMode(torch.overrides.TorchFunctionMode):
+    """Any active mode sends the public functions through the registered ops instead of the fast path."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _run_public(x, skip, rm, rv, w, b, training, momentum, save, grad, needs):
+    leaves = [None if t is None else t.detach().clone().requires_grad_(need) for t, need in zip((x, skip, w, b), needs)]
+    rm, rv = (None if t is None else t.clone() for t in (rm, rv))
+    xs, ss, ws, bs = leaves
+    if ss is None:
+        y = fr.batch_norm_relu(xs, rm, rv, ws, bs, training, momentum, save=save)
+    else:
+        y = fr.batch_norm_add_relu(xs, ss, rm, rv, ws, bs, training, momentum, save=save)
+    if y.requires_grad:
+        y.backward(grad)
+    return y, [None if t is None else t.grad for t in leaves], rm, rv
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)], ids=["fp32", "bf16-amp", "fp16"])
+@pytest.mark.parametrize("shape,fmt", [((4, 32, 5, 3), "channels_last"), ((3, 8, 7, 5), "contiguous"),
+                                       ((20, 16), "contiguous"), ((2, 8, 3, 4, 2), "contiguous")],
+                         ids=["cl", "nchw", "2d", "5d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("save", ["mask", "output"])
+def test_fast_path_equals_the_registered_ops(dtype, param_dtype, shape, fmt, training, save):
+    """The one-call C++ path gives bit for bit what the registered ops and the Python running-statistics update
+    give: outputs, every gradient (cast to the parameters' dtypes), the running buffers."""
+    C = shape[1]
+    x = _layout(torch.randn(shape), fmt).to(dtype)
+    skip = _layout(torch.randn(shape), fmt).to(dtype)
+    grad = _layout(torch.randn(shape), fmt).to(dtype)
+    w, b, rm, rv = _params(C, "cpu", param_dtype)
+    for args in [(x, skip, rm, rv, w, b), (x, None, rm, rv, w, None), (x, skip, None, None, None, b)]:
+        if not training and args[2] is None:
+            continue
+        for needs in [(True, True, True, True), (False, True, False, True), (True, False, True, False)]:
+            differentiable = any(t is not None and need for t, need in zip((x, args[1], args[4], args[5]), needs))
+            with fr.use_backend("cpp"):
+                fast = _run_public(*args, training, 0.3, save, grad, needs)
+                with _NoOpMode():
+                    slow = _run_public(*args, training, 0.3, save, grad, needs)
+            if differentiable:  # which path ran: the C++ node, or the registered op's
+                assert "BatchNormReLUCall" in fast[0].grad_fn.name()
+                assert "BatchNormReLUCall" not in slow[0].grad_fn.name()
+            else:
+                assert fast[0].grad_fn is None and slow[0].grad_fn is None
+            assert_bitwise_equal(fast[0].detach(), slow[0].detach())
+            assert fast[0].stride() == slow[0].stride()
+            for g_fast, g_slow, arg, need in zip(fast[1], slow[1], (args[0], args[1], args[4], args[5]), needs):
+                if arg is None or not need:
+                    assert g_fast is None and g_slow is None
+                else:
+                    assert g_fast.dtype == arg.dtype and g_fast.shape == arg.shape
+                    assert_bitwise_equal(g_fast, g_slow)
+            for r_fast, r_slow in zip(fast[2:], slow[2:]):
+                if r_fast is not None:
+                    assert_bitwise_equal(r_fast, r_slow)
+
+
+def test_fast_path_autograd_rules():
+    """Version counters, saved-tensor checks, no-grad calls and create_graph behave as on the registered ops."""
+    x = torch.randn(4, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    w, b, rm, rv = _params(8, "cpu", torch.float32)
+    with fr.use_backend("cpp"):
+        # the running buffers are written in place: their version counters move, as with F.batch_norm
+        v0 = (rm._version, rv._version)
+        fr.batch_norm_relu(x, rm, rv, w, b, True)
+        assert rm._version > v0[0] and rv._version > v0[1]
+        # no input needs grad: no graph, no mask kept
+        with torch.no_grad():
+            assert fr.batch_norm_relu(x.requires_grad_(), rm, rv, w, b, True).grad_fn is None
+        # x modified in place after the forward: the backward refuses, as for any saved tensor
+        xs = x.detach().clone().requires_grad_()
+        h = xs * 1.0
+        y = fr.batch_norm_relu(h, rm, rv, w, b, True)
+        h.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+        # first-order gradients under create_graph work; differentiating them again is refused with a message
+        xs = x.detach().clone().requires_grad_()
+        y = fr.batch_norm_relu(xs, None, None, w, b, True)
+        g, = torch.autograd.grad((y * torch.randn_like(y)).sum(), xs, create_graph=True)
+        expect, = torch.autograd.grad((fr.batch_norm_relu(xs, None, None, w, b, True) * 0).sum(), xs)
+        assert g.shape == xs.shape and g.requires_grad and expect.shape == xs.shape
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            g.sum().backward()
+
+
+def test_fast_path_writes_every_output_element():
+    """Under poisoned allocation (0x55 bytes in every new output) the fast path gives what it gives without:
+    every element of the output and of the x and skip gradients is written."""
+    shape = (3, 16, 5, 5)
+    for fmt in ("channels_last", "contiguous"):
+        x = _layout(torch.randn(shape), fmt)
+        skip = _layout(torch.randn(shape), fmt)
+        w, b, rm, rv = _params(16, "cpu", torch.float32)
+        grad = torch.randn(shape)
+        runs = []
+        for poison in (False, True):
+            with fr.use_backend("cpp"), fr._alloc.poison_outputs(poison):
+                runs.append(_run_public(x, skip, rm, rv, w, b, True, 0.1, "mask", grad, (True,) * 4))
+            assert "BatchNormReLUCall" in runs[-1][0].grad_fn.name()
+        (y0, g0, _, _), (y1, g1, _, _) = runs
+        assert_bitwise_equal(y1.detach(), y0.detach())
+        assert_bitwise_equal(g1[0], g0[0])
+        assert_bitwise_equal(g1[1], g0[1])

@@ -814,6 +814,15 @@ void bn_bwd_apply(const at::Tensor& dy, const at::Tensor& x, const std::optional
 }
 
 
+// Releases the GIL for the kernels when the calling thread holds it: a call from Python holds it, the
+// autograd engine runs the fast path's backward (bn_call.h) with it released.
+struct GilRelease {
+  std::optional<py::gil_scoped_release> release;
+  GilRelease() {
+    if (PyGILState_Check()) release.emplace();
+  }
+};
+
 // ---- whole ops: the per-channel arithmetic between the passes in C++, one call from Python ------------------
 
 // A per-channel vector (weight, bias, running statistics: float32 or the activation's 16-bit dtype, as AMP
@@ -867,7 +876,7 @@ void bn_forward(const at::Tensor& x, const std::optional<at::Tensor>& skip, cons
   const std::vector<float> b = bn_channel_values(bias, C, 0.f, op, "bias");
   int64_t in = inner;
   bn_normalize_layout(n, C, in);
-  py::gil_scoped_release no_gil;
+  const GilRelease no_gil;  // also called from the autograd engine's threads (bn_call.h)
   if (training && n > 0) {
     FR_BN_DTYPE_SWITCH(x.scalar_type(), op,
                        kbn::stats_t<scalar_t>(static_cast<const scalar_t*>(x.data_ptr()), n, C, in, pmean, pvar));
@@ -910,7 +919,7 @@ void bn_backward(const at::Tensor& dy, const at::Tensor& x, const std::optional<
   const float* pinv = invstd.data_ptr<float>();
   int64_t in = inner;
   bn_normalize_layout(n, C, in);
-  py::gil_scoped_release no_gil;
+  const GilRelease no_gil;  // also called from the autograd engine's threads (bn_call.h)
   const void* gate = m == nullptr ? out->data_ptr() : nullptr;
   if (n > 0 && (training || param_grads)) {
     FR_BN_DTYPE_SWITCH(
@@ -955,9 +964,11 @@ void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running
   const float* pv = var.data_ptr<float>();
   const float mom = static_cast<float>(momentum), keep = static_cast<float>(1.0 - momentum);
   const float unbias = count > 1 ? static_cast<float>(static_cast<double>(count) / static_cast<double>(count - 1)) : 1.f;
+  // As running.mul_(keep).add_(batch, alpha=mom) computes it: the product rounded, then one fused
+  // multiply-add (ATen's add with alpha).
   for (int64_t c = 0; c < C; ++c) {
-    rm[c] = rm[c] * keep + pm[c] * mom;
-    rv[c] = rv[c] * keep + (pv[c] * unbias) * mom;
+    rm[c] = std::fma(pm[c], mom, rm[c] * keep);
+    rv[c] = std::fma(pv[c] * unbias, mom, rv[c] * keep);
   }
 }
 

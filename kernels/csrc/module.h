@@ -175,6 +175,8 @@ void relu_grad_colsum(const at::Tensor& grad, const at::Tensor& out, const at::T
 }  // namespace
 }  // namespace fused_residual
 
+#include "bn_call.h"  // after advise_huge_pages
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fused_residual;
   m.doc() = "fused_residual CPU kernels (ATen Vectorized + at::parallel_for), built for "
@@ -200,6 +202,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dskip"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("C"), py::arg("inner"));
   m.def("bn_update_running", &bn_update_running, py::arg("running_mean"), py::arg("running_var"), py::arg("mean"),
         py::arg("var"), py::arg("count"), py::arg("momentum"));
+  m.def("bn_relu_call", &bn_relu_call, py::arg("x"), py::arg("skip"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("training"), py::arg("eps"), py::arg("save_mask"),
+        py::arg("poison"));
   m.def("bn_bwd_apply", &bn_bwd_apply, py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("mask"),
         py::arg("mean"), py::arg("a"), py::arg("b"), py::arg("d"), py::arg("dx"), py::arg("dskip"),
         py::arg("C"), py::arg("inner"));
