@@ -33,8 +33,9 @@ def cases(device: str, quick: bool):
                                                                (2048, 7))]
     if quick:
         return [((2, 64, 14, 14), "fp32", cl)]
+    # the last two: block outputs of ResNet-50 at batch 4, 112 px (layers 1 and 3)
     return [((8, 256, 28, 28), "fp32", cl), ((8, 256, 28, 28), "fp32", None), ((8, 256, 28, 28), "bf16", cl),
-            ((4, 64, 56, 56), "fp32", cl)]
+            ((4, 64, 56, 56), "fp32", cl), ((4, 256, 28, 28), "fp32", cl), ((4, 1024, 7, 7), "fp32", cl)]
 
 
 def _eager(with_skip: bool):

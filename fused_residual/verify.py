@@ -335,15 +335,9 @@ def check_resnet_block(dtype: torch.dtype, device: str, backend: str | None, tra
         eager.backward(grad)
         expected = ref64(x64)
         expected.backward(grad.double())
-        from .integrations import _common
-
-        threshold, _common.CPU_BN_MIN_ELEMENTS = _common.CPU_BN_MIN_ELEMENTS, 0  # fused at any size
-        try:
-            with _backend.use_backend(backend or _backend.current_backend()):
-                out = fused(xf)
-                out.backward(grad)
-        finally:
-            _common.CPU_BN_MIN_ELEMENTS = threshold
+        with _backend.use_backend(backend or _backend.current_backend()):
+            out = fused(xf)
+            out.backward(grad)
 
         def flat(tensors):
             return torch.cat([t.reshape(-1) for t in tensors])

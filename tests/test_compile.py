@@ -20,15 +20,6 @@ import fused_residual as fr
 from helpers import assert_bitwise_equal
 from test_integrations import randomize_bn
 
-@pytest.fixture(autouse=True)
-def fuse_bn_at_any_size(monkeypatch):
-    """The small test models run the fused BN ops on CPU too (convert() uses them from ~1M elements per
-    call there, where they pay: integrations._common.CPU_BN_MIN_ELEMENTS)."""
-    from fused_residual.integrations import _common
-
-    monkeypatch.setattr(_common, "CPU_BN_MIN_ELEMENTS", 0)
-
-
 
 @pytest.fixture
 def policy():

@@ -19,15 +19,6 @@ from fused_residual.testing import draw_clear_of_relu_kinks
 from helpers import assert_bitwise_equal, assert_close_to_ref, device_params
 
 
-@pytest.fixture(autouse=True)
-def fuse_bn_at_any_size(monkeypatch):
-    """The small test models run the fused BN ops on CPU too (convert() uses them from ~1M elements per
-    call there, where they pay: integrations._common.CPU_BN_MIN_ELEMENTS)."""
-    from fused_residual.integrations import _common
-
-    monkeypatch.setattr(_common, "CPU_BN_MIN_ELEMENTS", 0)
-
-
 def _interpreting():
     return _triton.status()[0] and _triton.interpreting()
 
@@ -192,26 +183,6 @@ def test_train_blocks_call_the_fused_batch_norm_ops(monkeypatch):
         per_block = 2 if blocks == 16 else 1
         assert calls.count("batch_norm_relu") == per_block * blocks, calls
         assert calls.count("batch_norm_add_relu") == blocks and "add_relu_" not in calls, calls
-
-
-def test_cpu_runs_block_batch_norm_as_modules_below_the_size_where_fusion_pays(monkeypatch):
-    """On CPU convert() fuses a block's BN only for activations of CPU_BN_MIN_ELEMENTS or more: below,
-    the block computes exactly as the unconverted one (bit for bit); at or above, it calls the fused ops."""
-    from fused_residual import functional
-    from fused_residual.integrations import _common
-
-    calls = []
-    real = functional.batch_norm_relu
-    monkeypatch.setattr(functional, "batch_norm_relu", lambda *a, **k: calls.append(a[0].numel()) or real(*a, **k))
-    block = randomize_bn(torchvision.models.resnet.BasicBlock(16, 16)).train()
-    fused = fr.convert(copy.deepcopy(block))
-    x = torch.randn(2, 16, 8, 8)  # 2048 elements per BN
-    monkeypatch.setattr(_common, "CPU_BN_MIN_ELEMENTS", 2049)
-    assert_bitwise_equal(fused(x), block(x), "below the threshold")
-    assert calls == []
-    monkeypatch.setattr(_common, "CPU_BN_MIN_ELEMENTS", 2048)
-    fused(x)
-    assert calls == [2048]
 
 
 def test_sync_batch_norm_blocks_stay_unconverted():
@@ -704,9 +675,6 @@ def _ddp_worker(rank, world, port, convert, queue):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    from fused_residual.integrations import _common
-
-    _common.CPU_BN_MIN_ELEMENTS = 0  # (a spawned process: the fixture's setting does not reach it)
     torch.manual_seed(0)
     model = randomize_bn(_stage("tv", "basic"))  # (see TRAIN_STAGES: a whole ResNet's gradients are chaotic)
     if convert:

@@ -218,19 +218,6 @@ def bn_fusable(bn: nn.Module) -> bool:
             and not fx_tracing() and not (bn.momentum is None and torch.compiler.is_compiling()))
 
 
-# On CPU the fused BatchNorm ops pay from about a million elements per call: measured fwd+bwd against eager
-# (2-core VM, fp32, channels_last, 2026-12-07): 0.5x-0.8x at 100K-200K elements (host cost and eager's
-# kernels are both a few tens of microseconds there), 0.7x-2.4x at 800K, 1.2x-2.8x at 1.6M and 1.1x-2.0x at
-# 6.4M. Below it the block BN runs as a module. On CUDA they always run.
-CPU_BN_MIN_ELEMENTS = 1 << 20
-
-
-def bn_fusion_pays(h: torch.Tensor) -> bool:
-    """Whether the fused BN ops are used for activation ``h`` (see ``CPU_BN_MIN_ELEMENTS``); under
-    torch.compile always (shapes may be symbolic: a test on them would become a guard)."""
-    return h.device.type != "cpu" or torch.compiler.is_compiling() or h.numel() >= CPU_BN_MIN_ELEMENTS
-
-
 def bn_arguments(bn: nn.BatchNorm2d):
     """``(running_mean, running_var, training, momentum)`` as ``nn.BatchNorm2d.forward`` hands them to
     ``F.batch_norm``, with its side effect done: ``num_batches_tracked`` counts this batch in training, and
@@ -256,7 +243,7 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Module, bn: nn.Module, act: nn.Module
     if not (is_relu(act) and bn_fusable(bn)):
         return act(conv_bn(x, conv, bn))
     h = conv(x)
-    if h.dim() != 4 or not bn_fusion_pays(h):  # (BatchNorm2d's own error for other ranks)
+    if h.dim() != 4:  # (BatchNorm2d's own error for other ranks)
         return act(bn(h))
     running_mean, running_var, training, momentum = bn_arguments(bn)
     return fr.batch_norm_relu(h, running_mean, running_var, bn.weight, bn.bias, training, momentum, bn.eps)
@@ -266,8 +253,7 @@ def bn_add_relu(h: torch.Tensor, bn: nn.Module, skip: torch.Tensor) -> torch.Ten
     """``relu(bn(h) + skip)`` as the block tails write it (``out += skip`` in place, then the ReLU): one
     ``batch_norm_add_relu`` when BN uses batch statistics and the shortcut has h's shape and dtype (under
     autocast a float32 shortcut beside a bf16 main path adds in float32 as eager does, unfused)."""
-    if (bn_fusable(bn) and h.dim() == 4 and skip.dtype == h.dtype and skip.shape == h.shape
-            and bn_fusion_pays(h)):
+    if bn_fusable(bn) and h.dim() == 4 and skip.dtype == h.dtype and skip.shape == h.shape:
         running_mean, running_var, training, momentum = bn_arguments(bn)
         return fr.batch_norm_add_relu(h, skip, running_mean, running_var, bn.weight, bn.bias, training, momentum,
                                       bn.eps)

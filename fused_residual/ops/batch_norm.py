@@ -440,8 +440,10 @@ def call(op: str, x, skip, running_mean, running_var, weight, bias, training: bo
     batch_norm`` measures the ops at ResNet-50 shapes). Results are bit-identical either way."""
     save_mask = save == "mask" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, skip, weight, bias))
-    fast = (x.device.type == "cpu" and _backend.resolve(x.device) == "cpp"
-            and _direct.plain_eager(x, skip, weight, bias, running_mean, running_var))
+    # plain_eager first: it is false under torch.compile, where resolve's ContextVar read would break the graph
+    # on older torch releases
+    fast = (x.device.type == "cpu" and _direct.plain_eager(x, skip, weight, bias, running_mean, running_var)
+            and _backend.resolve(x.device) == "cpp")
     if fast:
         check(op, x, skip, running_mean, running_var, weight, bias, training)
         out, mean, var = _cpp_kernels().bn_relu_call(x, skip, weight, bias, running_mean, running_var, training, eps,

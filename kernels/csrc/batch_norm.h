@@ -7,9 +7,9 @@
 //
 // Reductions (bn_stats, bn_bwd_reduce) are deterministic: the work is cut into fixed units that depend
 // on the shape only (row blocks of ~kStatElems elements for inner == 1, plane segments of at most
-// kStatElems elements for inner > 1), each unit is summed sequentially (lane-wise, then lanes in a fixed
-// order), and the per-unit partials are merged per channel in unit order in fp64. The thread count only
-// decides who computes which unit.
+// kStatElems elements for inner > 1), each unit is summed sequentially (lane-wise in fp32 runs of kSpill
+// values added into fp64 lanes, then lanes in a fixed order), and the per-unit partials are merged per
+// channel in unit order in fp64. The thread count only decides who computes which unit.
 //
 // Statistics are stable: every unit sums x - K_c with K_c = the channel's first value (shifted data, exact
 // for nearby values), and the units' shifted sums are added in fp64 (see stats_t).
@@ -77,20 +77,50 @@ inline uint8_t bits_at(const uint8_t* mask, int64_t nbytes, int64_t i) {
   return static_cast<uint8_t>(v >> s);
 }
 
-inline float hsum_vecs(const fVec* v, int nv, double& acc_out) {  // fixed order: vector by vector, lane by lane
-  float tmp[8];
-  double acc = 0.0;
-  for (int k = 0; k < nv; ++k) {
-    v[k].store(tmp);
-    for (int j = 0; j < 8; ++j) acc += tmp[j];
-  }
-  acc_out = acc;
-  return static_cast<float>(acc);
-}
-
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
 };
+
+// Long reductions add fp32 vectors over runs of at most kSpill steps (each fp32 sum adds at most kSpill
+// values, so its rounding error does not grow with the reduction's length) and spill each run's sums into
+// fp64 lanes. The order is fixed, so the result stays deterministic.
+constexpr int kSpill = 32;
+
+// d[j] += v[j] for the 8 lanes of v, in fp64.
+inline void spill_lanes(double* d, const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+  _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), lo));
+  _mm256_storeu_pd(d + 4, _mm256_add_pd(_mm256_loadu_pd(d + 4), hi));
+#else
+  float t[8];
+  v.store(t);
+  for (int j = 0; j < 8; ++j) d[j] += t[j];
+#endif
+}
+
+// Two fp32 sums of kNV vectors each, fed by f(step, a, b) for steps [0, n), spilled into da and db (kW fp64
+// lanes each, added to) every kSpill steps.
+template <typename F>
+inline void spilled_sums(int64_t n, double* da, double* db, F f) {
+  for (int64_t s0 = 0; s0 < n; s0 += kSpill) {
+    const int64_t s1 = std::min<int64_t>(n, s0 + kSpill);
+    fVec a[kNV], b[kNV];
+    for (int k = 0; k < kNV; ++k) a[k] = b[k] = fVec(0.f);
+    for (int64_t i = s0; i < s1; ++i) f(i, a, b);
+    for (int k = 0; k < kNV; ++k) {
+      spill_lanes(da + 8 * k, a[k]);
+      spill_lanes(db + 8 * k, b[k]);
+    }
+  }
+}
+
+inline double lanes_total(const double* v) {  // lane order
+  double t = 0.0;
+  for (int j = 0; j < kW; ++j) t += v[j];
+  return t;
+}
 
 // (count, mean, M2) of n values from their shifted sums s1 = sum(x - K), s2 = sum((x - K)^2).
 inline Moments from_shifted(int64_t n, float K, double s1, double s2) {
@@ -184,35 +214,30 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
     p1.resize(static_cast<size_t>(blocks * C));
     p2.resize(static_cast<size_t>(blocks * C));
     at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
-      float t1[kW], t2[kW];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
         for (int64_t c0 = 0; c0 < C; c0 += kW) {
           const int64_t w = std::min<int64_t>(kW, C - c0);
-          fVec K[kNV], s1[kNV], s2[kNV], v[kNV];
-          for (int k = 0; k < kNV; ++k) {
-            K[k] = fVec::loadu(pk.data() + c0 + 8 * k);
-            s1[k] = s2[k] = fVec(0.f);
-          }
+          fVec K[kNV];
+          for (int k = 0; k < kNV; ++k) K[k] = fVec::loadu(pk.data() + c0 + 8 * k);
+          double d1[kW] = {}, d2[kW] = {};  // sums of d = x - K and of d^2
           auto rows_loop = [&](int64_t width) {
-            for (int64_t r = r0; r < r1; ++r) {
-              prefetch_next(x + r * C + c0, C - c0);
-              load_f(x + r * C + c0, width, v);
+            spilled_sums(r1 - r0, d1, d2, [&](int64_t i, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
+              const T* row = x + (r0 + i) * C + c0;
+              fVec v[kNV];
+              prefetch_next(row, C - c0);
+              load_f(row, width, v);
               for (int k = 0; k < kNV; ++k) {
                 const fVec d = v[k] - K[k];
                 s1[k] = s1[k] + d;
                 s2[k] = s2[k] + d * d;
               }
-            }
+            });
           };
           if (w == kW) rows_loop(kW); else rows_loop(w);  // the first with a constant width
-          for (int k = 0; k < kNV; ++k) {
-            s1[k].store(t1 + 8 * k);
-            s2[k].store(t2 + 8 * k);
-          }
           for (int64_t j = 0; j < w; ++j) {
-            p1[b * C + c0 + j] = t1[j];
-            p2[b * C + c0 + j] = t2[j];
+            p1[b * C + c0 + j] = d1[j];
+            p2[b * C + c0 + j] = d2[j];
           }
         }
       }
@@ -230,28 +255,31 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
         const int64_t len = std::min(seg, inner - s * seg);
         const T* q = x + plane * inner + s * seg;
         const fVec Kv(shift[plane % C]);
-        fVec s1[kNV], s2[kNV], v[kNV];
-        for (int k = 0; k < kNV; ++k) s1[k] = s2[k] = fVec(0.f);
-        int64_t i = 0;
-        for (; i + kW <= len; i += kW) {
-          load_f(q + i, kW, v);
+        double d1[kW] = {}, d2[kW] = {};
+        const int64_t whole = len / kW;
+        spilled_sums(whole, d1, d2, [&](int64_t i, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
+          fVec v[kNV];
+          load_f(q + i * kW, kW, v);
           for (int k = 0; k < kNV; ++k) {
             const fVec d = v[k] - Kv;
             s1[k] = s1[k] + d;
             s2[k] = s2[k] + d * d;
           }
+        });
+        if (whole * kW < len) {
+          const int64_t cnt = len - whole * kW;
+          spilled_sums(1, d1, d2, [&](int64_t, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
+            fVec v[kNV];
+            load_f(q + whole * kW, cnt, v);
+            for (int k = 0; k < kNV; ++k) {
+              const fVec d = fVec::set(fVec(0.f), v[k] - Kv, lanes(cnt, k));
+              s1[k] = s1[k] + d;
+              s2[k] = s2[k] + d * d;
+            }
+          });
         }
-        if (i < len) {
-          const int64_t cnt = len - i;
-          load_f(q + i, cnt, v);
-          for (int k = 0; k < kNV; ++k) {
-            const fVec d = fVec::set(fVec(0.f), v[k] - Kv, lanes(cnt, k));
-            s1[k] = s1[k] + d;
-            s2[k] = s2[k] + d * d;
-          }
-        }
-        hsum_vecs(s1, kNV, p1[u]);
-        hsum_vecs(s2, kNV, p2[u]);
+        p1[u] = lanes_total(d1);
+        p2[u] = lanes_total(d2);
       }
     });
   }
@@ -478,17 +506,17 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
     pg.resize(static_cast<size_t>(blocks * C));
     pgx.resize(static_cast<size_t>(blocks * C));
     at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
-      float t1[kW], t2[kW];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
         for (int64_t c0 = 0; c0 < C; c0 += kW) {
           const int64_t w = std::min<int64_t>(kW, C - c0);
-          fVec M[kNV], sg[kNV], sgx[kNV], g[kNV], xv[kNV];
+          fVec M[kNV];
           load_f(mean + c0, w, M);
-          for (int k = 0; k < kNV; ++k) sg[k] = sgx[k] = fVec(0.f);
+          double d1[kW] = {}, d2[kW] = {};  // sums of g and of g * (x - mean)
           auto rows_loop = [&](int64_t width) {
-            for (int64_t r = r0; r < r1; ++r) {
-              const int64_t i = r * C + c0;
+            spilled_sums(r1 - r0, d1, d2, [&](int64_t r, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
+              const int64_t i = (r0 + r) * C + c0;
+              fVec g[kNV], xv[kNV];
               prefetch_next(dy + i, C - c0);
               prefetch_next(x + i, C - c0);
               load_f(dy + i, width, g);
@@ -499,16 +527,12 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
                 sg[k] = sg[k] + g[k];
                 sgx[k] = sgx[k] + g[k] * (xv[k] - M[k]);
               }
-            }
+            });
           };
           if (w == kW) rows_loop(kW); else rows_loop(w);
-          for (int k = 0; k < kNV; ++k) {
-            sg[k].store(t1 + 8 * k);
-            sgx[k].store(t2 + 8 * k);
-          }
           for (int64_t j = 0; j < w; ++j) {
-            pg[b * C + c0 + j] = t1[j];
-            pgx[b * C + c0 + j] = t2[j];
+            pg[b * C + c0 + j] = d1[j];
+            pgx[b * C + c0 + j] = d2[j];
           }
         }
       }
@@ -526,9 +550,9 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
         const int64_t len = std::min(seg, inner - s * seg);
         const int64_t base = plane * inner + s * seg;
         const fVec M(mean[plane % C]);
-        fVec sg[kNV], sgx[kNV], g[kNV], xv[kNV];
-        for (int k = 0; k < kNV; ++k) sg[k] = sgx[k] = fVec(0.f);
-        auto step = [&](int64_t i, int64_t cnt) {
+        double d1[kW] = {}, d2[kW] = {};
+        auto step = [&](int64_t i, int64_t cnt, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
+          fVec g[kNV], xv[kNV];
           load_f(dy + base + i, cnt, g);
           load_f(x + base + i, cnt, xv);
           gate.apply(g, base + i, cnt);
@@ -537,11 +561,15 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
             sgx[k] = sgx[k] + g[k] * (xv[k] - M);  // lanes past cnt: g = 0, x = 0
           }
         };
-        int64_t i = 0;
-        for (; i + kW <= len; i += kW) step(i, kW);
-        if (i < len) step(i, len - i);
-        hsum_vecs(sg, kNV, pg[u]);
-        hsum_vecs(sgx, kNV, pgx[u]);
+        const int64_t whole = len / kW;
+        spilled_sums(whole, d1, d2, [&](int64_t i, fVec (&sg)[kNV], fVec (&sgx)[kNV]) { step(i * kW, kW, sg, sgx); });
+        if (whole * kW < len) {
+          spilled_sums(1, d1, d2, [&](int64_t, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
+            step(whole * kW, len - whole * kW, sg, sgx);
+          });
+        }
+        pg[u] = lanes_total(d1);
+        pgx[u] = lanes_total(d2);
       }
     });
   }
