@@ -170,7 +170,9 @@ def test_transforms_compute_with_the_eager_formulas():
         g = torch.func.grad(lambda p: fn(*args(p)).sum())(primal)
         assert torch.allclose(g, torch.func.grad(lambda p: ref(*args(p)).sum())(primal)), fn.__name__
         batched = torch.func.vmap(lambda p: fn(*args(p)))(torch.stack([primal, 2 * primal]))
-        assert torch.allclose(batched[1], ref(*args(2 * primal))), fn.__name__
+        # batched against unbatched: another GEMM kernel, so rounding differs (an element near 0 fails a
+        # relative tolerance alone: seen on torch 2.11)
+        assert torch.allclose(batched[1], ref(*args(2 * primal)), rtol=1e-5, atol=1e-5), fn.__name__
     assert torch.equal(torch.func.grad(lambda a: fr.add_relu_(a * 1.0, skip).sum())(z), (z + skip > 0).float())
     with pytest.warns(UserWarning, match="eager formulas"), fwAD.dual_level():
         fr.linear_add_relu(x, fwAD.make_dual(w, torch.randn_like(w)), r)
