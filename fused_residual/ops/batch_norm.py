@@ -30,6 +30,9 @@ Every backend implements four primitives over a dense activation whose storage i
 Triton: ``fused_residual.ops._bn_triton``; C++: ``fused_residual._C`` (``bn_*``); eager: below. The
 reductions are deterministic on every backend (fixed partitions, no atomics), so the same inputs give
 bit-identical statistics and gradients run to run.
+
+The public functions call :func:`call`, which in plain eager mode on the cpp backend makes the whole call
+one C++ autograd Function (``kernels/csrc/bn_call.h``) and elsewhere goes through the registered ops.
 """
 
 from __future__ import annotations
