@@ -204,13 +204,13 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<float>(x[c * inner]);
   const std::vector<float> pk = padded(shift.data(), C);  // zeros past C: there x = 0 too, so d = 0
   std::vector<double> p1, p2;
-  // partials per channel: (block b, channel c) at b * C + c (inner == 1), else unit (o * C + c) * nseg + s
-  // for segment s of plane (o, c)
-  int64_t per_channel = 0, nseg = 1;
+  // partials (sum_partials' layout): unit (o, c, s) at (o * C + c) * nseg + s, o a row block (inner == 1,
+  // nseg = 1) or an outer index, s a segment of plane (o, c); O units of o
+  int64_t O = outer, nseg = 1;
   if (inner == 1) {
     const int64_t R = std::max<int64_t>(1, kStatElems / C);  // rows per block
     const int64_t blocks = (outer + R - 1) / R;
-    per_channel = blocks;
+    O = blocks;
     p1.resize(static_cast<size_t>(blocks * C));
     p2.resize(static_cast<size_t>(blocks * C));
     at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
@@ -246,7 +246,6 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
     const int64_t seg = std::min(inner, kStatElems);
     nseg = (inner + seg - 1) / seg;
     const int64_t units = outer * C * nseg;  // unit u = (o * C + c) * nseg + s
-    per_channel = outer * nseg;
     p1.resize(static_cast<size_t>(units));
     p2.resize(static_cast<size_t>(units));
     at::parallel_for(0, units, unit_grain(seg), [&](int64_t u0, int64_t u1) {
@@ -285,7 +284,7 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
   }
   const int64_t count = outer * inner;
   std::vector<double> a1, a2;
-  sum_partials(p1, p2, C, inner == 1 ? per_channel : outer, nseg, a1, a2);
+  sum_partials(p1, p2, C, O, nseg, a1, a2);
   for (int64_t c = 0; c < C; ++c) {
     const Moments m = from_shifted(count, shift[c], a1[c], a2[c]);
     mean_out[c] = static_cast<float>(m.mean);
@@ -498,11 +497,11 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
   const int64_t outer = n / (C * inner);
   const Gate<T, kNV> gate{out, mask, (n + 7) / 8};
   std::vector<double> pg, pgx;  // partials, laid out as in stats_t
-  int64_t per_channel = 0, nseg = 1;
+  int64_t O = outer, nseg = 1;
   if (inner == 1) {
     const int64_t R = std::max<int64_t>(1, kStatElems / C);
     const int64_t blocks = (outer + R - 1) / R;
-    per_channel = blocks;
+    O = blocks;
     pg.resize(static_cast<size_t>(blocks * C));
     pgx.resize(static_cast<size_t>(blocks * C));
     at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
@@ -541,7 +540,6 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
     const int64_t seg = std::min(inner, kStatElems);
     nseg = (inner + seg - 1) / seg;
     const int64_t units = outer * C * nseg;
-    per_channel = outer * nseg;
     pg.resize(static_cast<size_t>(units));
     pgx.resize(static_cast<size_t>(units));
     at::parallel_for(0, units, unit_grain(seg), [&](int64_t u0, int64_t u1) {
@@ -574,7 +572,7 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
     });
   }
   std::vector<double> a1, a2;
-  sum_partials(pg, pgx, C, inner == 1 ? per_channel : outer, nseg, a1, a2);
+  sum_partials(pg, pgx, C, O, nseg, a1, a2);
   for (int64_t c = 0; c < C; ++c) {
     sum_g[c] = static_cast<float>(a1[c]);
     sum_gx[c] = static_cast<float>(a2[c]);
