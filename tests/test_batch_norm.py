@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fused_residual as fr
 from cases import BN_CASES, DTYPES, bn_case_ids, device_backend_params
-from helpers import assert_bitwise_equal, assert_close_to_ref, poisoned
+from helpers import NoOpFunctionMode, assert_bitwise_equal, assert_close_to_ref, poisoned
 
 OPS = torch.ops.fused_residual
 
@@ -269,13 +269,6 @@ def test_compile_fullgraph(device, backend, policy):
 # ---- the C++ fast path (plain eager, CPU, cpp backend: kernels/csrc/bn_call.h) ---------------------------
 
 
-class _NoOpMode(torch.overrides.TorchFunctionMode):
-    """Any active mode sends the public functions through the registered ops instead of the fast path."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 def _run_public(x, skip, rm, rv, w, b, training, momentum, save, grad, needs):
     leaves = [None if t is None else t.detach().clone().requires_grad_(need) for t, need in zip((x, skip, w, b), needs)]
     rm, rv = (None if t is None else t.clone() for t in (rm, rv))
@@ -311,7 +304,7 @@ def test_fast_path_equals_the_registered_ops(dtype, param_dtype, shape, fmt, tra
             differentiable = any(t is not None and need for t, need in zip((x, args[1], args[4], args[5]), needs))
             with fr.use_backend("cpp"):
                 fast = _run_public(*args, training, 0.3, save, grad, needs)
-                with _NoOpMode():
+                with NoOpFunctionMode():
                     slow = _run_public(*args, training, 0.3, save, grad, needs)
             if differentiable:  # which path ran: the C++ node, or the registered op's
                 assert "BatchNormReLUCall" in fast[0].grad_fn.name()

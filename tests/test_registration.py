@@ -8,7 +8,7 @@ import fused_residual as fr
 from fused_residual import reference
 from fused_residual import verify
 from cases import device_backend_params
-from helpers import assert_bitwise_equal
+from helpers import NoOpFunctionMode, assert_bitwise_equal
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
@@ -260,8 +260,6 @@ def test_fast_path_is_bit_identical_to_the_registered_ops(monkeypatch, backend):
 @pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:FutureWarning")  # still traced by users
 def test_fast_path_takes_plain_eager_calls_only():
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.overrides import TorchFunctionMode
-
     from fused_residual.ops import _direct
 
     z = torch.randn(4)
@@ -274,11 +272,7 @@ def test_fast_path_takes_plain_eager_calls_only():
                                  mode.from_tensor(torch.randn(3, 5)))  # the fake impl answers
         assert out.shape == (3, 5)
 
-    class Noop(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
-    with Noop():
+    with NoOpFunctionMode():
         assert not _direct.plain_eager(z)
     assert not torch.vmap(lambda t: torch.tensor(_direct.plain_eager(t)))(torch.randn(2, 3)).any()
     import torch.autograd.forward_ad as fwad
