@@ -28,11 +28,6 @@ def poison_outputs(enabled: bool = True):
         _poison.reset(token)
 
 
-def poisoning() -> bool:
-    """Whether :func:`poison_outputs` is in effect (for outputs allocated outside this module: C++)."""
-    return _poison.get()
-
-
 def _prepare(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu" and t.numel() * t.element_size() >= _HUGE_PAGE_MIN_BYTES:
         from . import _cpp

@@ -9,6 +9,7 @@ FX (see the end of this module)."""
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _checks
 from .ops import _direct
@@ -167,6 +168,10 @@ def batch_norm_relu(x: torch.Tensor, running_mean: torch.Tensor | None, running_
     ``save="mask"`` (default) keeps x, per-channel statistics and the ReLU gate packed 1 bit per element for
     the backward; ``"output"`` keeps the output instead, as eager does. Same gradients either way.
     """
+    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0:  # the whole call in C++ (or None)
+        out = _bn.fast_call(x, None, running_mean, running_var, weight, bias, training, momentum, eps, save)
+        if out is not None:
+            return out
     return _batch_norm_fused("batch_norm_relu", x, None, running_mean, running_var, weight, bias, training,
                              momentum, eps, save)
 
@@ -179,6 +184,10 @@ def batch_norm_add_relu(x: torch.Tensor, skip: torch.Tensor, running_mean: torch
     """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + skip)``:
     a residual block's last BatchNorm, the shortcut add and the ReLU in two passes over x (see
     :func:`batch_norm_relu`). skip has x's shape and dtype; its gradient is the gated output gradient."""
+    if skip is not None and not torch.compiler.is_compiling() and _forward_ad._current_level < 0:  # as above
+        out = _bn.fast_call(x, skip, running_mean, running_var, weight, bias, training, momentum, eps, save)
+        if out is not None:
+            return out
     _checks.tensors("batch_norm_add_relu", skip=skip)
     return _batch_norm_fused("batch_norm_add_relu", x, skip, running_mean, running_var, weight, bias, training,
                              momentum, eps, save)

@@ -371,3 +371,93 @@ def test_fast_path_writes_every_output_element():
         assert_bitwise_equal(y1.detach(), y0.detach())
         assert_bitwise_equal(g1[0], g0[0])
         assert_bitwise_equal(g1[1], g0[1])
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _NoOpDispatchMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _under(context):
+    """A context manager for each way of calling that the one-call C++ path must leave to the Python path."""
+    import contextlib
+    import torch.autograd.forward_ad as fwAD
+
+    return {"plain": contextlib.nullcontext, "function mode": NoOpFunctionMode, "dispatch mode": _NoOpDispatchMode,
+            "profiler": lambda: torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]),
+            "default device": lambda: torch.device("cpu"), "eager backend": lambda: fr.use_backend("eager"),
+            "forward AD": fwAD.dual_level}[context]()
+
+
+@pytest.mark.parametrize("context", ["plain", "function mode", "dispatch mode", "profiler", "default device",
+                                     "eager backend", "forward AD"])
+def test_fast_path_is_taken_only_in_plain_eager(context):
+    """The whole-call C++ path (``fast_call``) runs exactly where nothing but autograd needs to see the call: under
+    modes, the profiler, another backend or forward-mode AD the Python path runs (registered ops or eager formulas),
+    and every path gives eager's output, gradients and running buffers."""
+    x = torch.randn(4, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    skip, grad = torch.randn_like(x), torch.randn_like(x)
+    w, b, rm, rv = _params(16, "cpu", torch.float32)
+    with _under(context):
+        got = _run_public(x, skip, rm, rv, w, b, True, 0.2, "mask", grad, (True,) * 4)
+    assert ("BatchNormReLUCall" in got[0].grad_fn.name()) == (context == "plain")
+    want = _eager(x, skip, rm, rv, w, b, True, 0.2, 1e-5, grad)
+    torch.testing.assert_close(got[0].detach(), want[0], rtol=1e-5, atol=1e-5)
+    for g, e in zip(got[1], want[1]):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[2], want[2])
+    torch.testing.assert_close(got[3], want[3])
+
+
+def test_fast_path_leaves_transforms_subclasses_and_bad_input_to_python(monkeypatch):
+    """vmap / torch.func.grad (batched tensors are plain Tensors in Python: the C++ test is the functorch dispatch
+    key), tensor subclasses, jit.trace, and every argument the Python checks refuse: the same results or errors
+    as without the C++ path, and nothing written on refusal."""
+    x = torch.randn(3, 8, 4, 2)
+    w, b, rm, rv = _params(8, "cpu", torch.float32)
+
+    def f(x_):
+        return fr.batch_norm_relu(x_, None, None, w, b, True)
+
+    def ref(x_):
+        return torch.relu(F.batch_norm(x_, None, None, w, b, True))
+
+    xs = torch.stack([x, 2 * x + 1])
+    torch.testing.assert_close(torch.func.vmap(f)(xs), torch.func.vmap(ref)(xs))
+    torch.testing.assert_close(torch.func.grad(lambda x_: f(x_).square().sum())(x),
+                               torch.func.grad(lambda x_: ref(x_).square().sum())(x))
+    sub = fr.batch_norm_relu(x.as_subclass(_Subclass).requires_grad_(), rm.clone(), rv.clone(), w, b, True)
+    assert type(sub) is _Subclass and "BatchNormReLUCall" not in sub.grad_fn.name()
+    traced = torch.jit.trace(lambda x_: fr.batch_norm_relu(x_, None, None, w, b, True), (x,), check_trace=False)
+    torch.testing.assert_close(traced(x), ref(x))
+
+    skip = torch.randn_like(x)
+    bad = [
+        (dict(skip=torch.randn(3, 8, 4, 3)), ValueError, "shapes differ"),
+        (dict(skip=skip.double()), TypeError, "dtype"),
+        (dict(skip=None), TypeError, "skip must be a torch.Tensor"),
+        (dict(rm=torch.zeros(7)), ValueError, "running_mean has shape"),
+        (dict(w=torch.ones(8, 1)), ValueError, "weight has shape"),
+        (dict(b=torch.zeros(8, dtype=torch.int64)), TypeError, "bias has dtype"),
+        (dict(rv=None), ValueError, "given together"),
+        (dict(x=x[:1, :, :1, :1], skip=skip[:1, :, :1, :1]), ValueError, "more than 1 value per channel"),
+        (dict(x=x.to(torch.int32), skip=skip.to(torch.int32)), TypeError, "dtype"),
+        (dict(save="bits"), ValueError, "save must be one of"),
+        (dict(momentum=None), TypeError, "momentum must be a number"),
+    ]
+    for change, error, match in bad:
+        args = dict(x=x, skip=skip, rm=rm.clone(), rv=rv.clone(), w=w, b=b, save="mask", momentum=0.1)
+        args.update(change)
+        before = [t.clone() for t in (args["rm"], args["rv"]) if t is not None]
+        with pytest.raises(error, match=match):
+            fr.batch_norm_add_relu(args["x"], args["skip"], args["rm"], args["rv"], args["w"], args["b"], True,
+                                   args["momentum"], save=args["save"])
+        for t, t0 in zip([t for t in (args["rm"], args["rv"]) if t is not None], before):
+            assert_bitwise_equal(t, t0)
+    monkeypatch.setenv("FUSED_RESIDUAL_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown fused_residual backend"):
+        fr.batch_norm_relu(x, rm, rv, w, b, True)

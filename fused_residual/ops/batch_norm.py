@@ -31,8 +31,9 @@ Triton: ``fused_residual.ops._bn_triton``; C++: ``fused_residual._C`` (``bn_*``)
 reductions are deterministic on every backend (fixed partitions, no atomics), so the same inputs give
 bit-identical statistics and gradients run to run.
 
-The public functions call :func:`call`, which in plain eager mode on the cpp backend makes the whole call
-one C++ autograd Function (``kernels/csrc/bn_call.h``) and elsewhere goes through the registered ops.
+The public functions hand each call to :func:`fast_call` first, which in plain eager mode on the cpp backend
+does the whole call in C++ (``kernels/csrc/bn_call.h``); the calls it leaves go through :func:`call` and the
+registered ops.
 """
 
 from __future__ import annotations
@@ -409,16 +410,15 @@ def _backward_add_relu(ctx, grad, *_):
 # The running statistics, as F.batch_norm updates them
 
 
-def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float,
-                         plain: bool = False) -> None:
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
     """``running = (1 - momentum) * running + momentum * batch``, the variance unbiased (``count / (count -
     1)``), in place (no autograd). Plain float32 CPU buffers in eager mode on the cpp backend: one C++ call
-    (``plain=True``: the caller has found eager mode and the cpp backend already); else (traced, compiled,
-    other dtypes and devices) the tensor operations."""
+    (``bn_update_running``, as :func:`fast_call` updates them); else (traced, compiled, other dtypes and
+    devices) the tensor operations."""
     if (running_mean.dtype == running_var.dtype == torch.float32 and running_mean.device.type == "cpu"
             and running_mean.is_contiguous() and running_var.is_contiguous()
-            and (plain or (_direct.plain_eager(running_mean, running_var, mean, var)
-                           and _backend.resolve(running_mean.device) == "cpp"))):
+            and _direct.plain_eager(running_mean, running_var, mean, var)
+            and _backend.resolve(running_mean.device) == "cpp"):
         _cpp_kernels().bn_update_running(running_mean, running_var, mean, var, count, momentum)
         torch.autograd.graph.increment_version(running_mean)  # written in place, as mul_ / add_ would record
         torch.autograd.graph.increment_version(running_var)
@@ -436,29 +436,44 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
 def call(op: str, x, skip, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float,
          save: str) -> torch.Tensor:
     """``relu(F.batch_norm(x, ...) [+ skip])`` with the running statistics updated, through the registered op
-    (:data:`BATCH_NORM_RELU` / :data:`BATCH_NORM_ADD_RELU`, whose call path is the registry's) or, in plain
-    eager mode on the cpp backend, through the C++ fast path (``kernels/csrc/bn_call.h``): the same kernels
-    and formulas, the layout, outputs and autograd node made in one C++ call instead of a Python autograd
-    Function (~40 us less host time per forward + backward; ``fused-residual bench
-    batch_norm`` measures the ops at ResNet-50 shapes). Results are bit-identical either way."""
+    (:data:`BATCH_NORM_RELU` / :data:`BATCH_NORM_ADD_RELU`, whose call path is the registry's): the public
+    functions' path for every call that :func:`fast_call` leaves."""
     save_mask = save == "mask" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, skip, weight, bias))
-    # plain_eager first: it is false under torch.compile, where resolve's ContextVar read would break the graph
-    # on older torch releases
-    fast = (x.device.type == "cpu" and _direct.plain_eager(x, skip, weight, bias, running_mean, running_var)
-            and _backend.resolve(x.device) == "cpp")
-    if fast:
-        check(op, x, skip, running_mean, running_var, weight, bias, training)
-        out, mean, var = _cpp_kernels().bn_relu_call(x, skip, weight, bias, running_mean, running_var, training, eps,
-                                                     save_mask, _alloc.poisoning())
-    elif skip is None:
+    if skip is None:
         out, _, mean, _, var = BATCH_NORM_RELU(x, weight, bias, running_mean, running_var, training, eps, save_mask)
     else:
         out, _, mean, _, var = BATCH_NORM_ADD_RELU(x, skip, weight, bias, running_mean, running_var, training, eps,
                                                    save_mask)
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum, plain=fast)
+        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return out
+
+
+def _no_fast_call(*args) -> None:
+    return None
+
+
+def fast_call(x, skip, running_mean, running_var, weight, bias, training, momentum, eps, save):
+    """The public functions' eager call in one C++ call (``bn_fast_call``, ``kernels/csrc/bn_call.h``): the
+    output, its autograd node (the C++ ``BatchNormReLUCall``) and the running-statistics update, with the
+    kernels and formulas of the registered ops (bit-identical results). It takes the call only in plain eager
+    mode on the cpp backend with every argument plainly valid (CPU tensors of supported dtypes, float32 running
+    buffers, ...), and returns None otherwise, having done nothing: :func:`call` then checks and computes.
+    The caller rules out torch.compile and forward-mode AD first (Python state, and dynamo must not trace into
+    the C++ call).
+
+    Bound on first use: from then on this name is the C++ function itself (or a function returning None where
+    the extension is absent), so a call costs one Python call into C++."""
+    global fast_call
+    ok, _ = _cpp.status()
+    m = _cpp.module() if ok else None
+    if m is not None and hasattr(m, "bn_fast_call"):
+        m.bn_fast_init(_backend._override, _alloc._poison)
+        fast_call = m.bn_fast_call
+    else:  # an older build: the Python path for every call (_cpp_kernels says to rebuild where it matters)
+        fast_call = _no_fast_call
+    return fast_call(x, skip, running_mean, running_var, weight, bias, training, momentum, eps, save)
 
 
 # ---------------------------------------------------------------------------------------------------------

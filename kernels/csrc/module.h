@@ -205,6 +205,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_relu_call", &bn_relu_call, py::arg("x"), py::arg("skip"), py::arg("weight"), py::arg("bias"),
         py::arg("running_mean"), py::arg("running_var"), py::arg("training"), py::arg("eps"), py::arg("save_mask"),
         py::arg("poison"));
+  m.def("bn_fast_init", &bn_fast_init, py::arg("backend_var"), py::arg("poison_var"));
+  m.def("bn_fast_call", &bn_fast_call, py::arg("x"), py::arg("skip"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("weight"), py::arg("bias"), py::arg("training"), py::arg("momentum"),
+        py::arg("eps"), py::arg("save"));
   m.def("bn_bwd_apply", &bn_bwd_apply, py::arg("dy"), py::arg("x"), py::arg("out"), py::arg("mask"),
         py::arg("mean"), py::arg("a"), py::arg("b"), py::arg("d"), py::arg("dx"), py::arg("dskip"),
         py::arg("C"), py::arg("inner"));
