@@ -144,7 +144,7 @@ def _triton_primitives():
 def _cpp_kernels():
     """The C++ extension, which must have the BatchNorm kernels (primitives, whole ops and the one-call path)."""
     m = _cpp.module()
-    if not hasattr(m, "bn_relu_call"):
+    if not hasattr(m, "bn_fast_call"):
         raise _backend.BackendUnavailable("the 'cpp' backend was built without the BatchNorm kernels: "
                                           "rebuild it (pip install --no-build-isolation -e .)")
     return m

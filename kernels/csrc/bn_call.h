@@ -1,13 +1,12 @@
-// The eager fast path of fused_residual.batch_norm_relu / batch_norm_add_relu on the cpp backend: the op's
-// whole call (layout, outputs, statistics, normalise (+ add) + ReLU and the autograd node) in one C++ call,
-// with the kernels and formulas of batch_norm.h.
+// The eager call of fused_residual.batch_norm_relu / batch_norm_add_relu on the cpp backend: argument and mode
+// checks, layout, outputs, statistics, normalise (+ add) + ReLU, the autograd node and the running-statistics
+// update in one C++ call (bn_fast_call, at the bottom), with the kernels and formulas of batch_norm.h.
 //
-// Why in C++: at the activation sizes of a small-batch CPU ResNet (50K-800K elements), the Python autograd
-// Function around the same kernels cost ~40 us of host time per forward + backward, as much as the kernels
-// themselves. Python decides when this path applies (fused_residual/ops/batch_norm.py, `call`: plain eager
-// mode, CPU tensors, the cpp backend) and checks the arguments first, so everything here is already valid;
-// every other case (torch.compile, torch.export, other backends, modes and subclasses) takes the
-// registered ops, whose results this path reproduces bit for bit (tests/test_batch_norm.py).
+// Why in C++: at the activation sizes of a small-batch CPU ResNet (50K-800K elements), the Python around the
+// same kernels (checks, dispatch, a Python autograd Function) cost as much host time as the kernels. Every
+// case bn_fast_call does not take (torch.compile, torch.export, other backends, modes, transforms,
+// subclasses, invalid arguments) goes back to Python and the registered ops, whose results this path
+// reproduces bit for bit (tests/test_batch_norm.py).
 //
 // Autograd keeps what the registered op's autograd keeps: x as given, the gate (the 1-bit mask or the
 // output), the float32 mean and invstd, and weight. The backward is first-order only, as the registered
@@ -151,17 +150,6 @@ struct BatchNormReLUCall : public torch::autograd::Function<BatchNormReLUCall> {
     return error->apply(std::move(leaves));
   }
 };
-
-// The public call's op: (out, mean, var), out = relu(batch_norm(x) [+ skip]); the caller updates the running
-// statistics from mean and var (batch_norm.update_running_stats).
-std::vector<at::Tensor> bn_relu_call(const at::Tensor& x, const std::optional<at::Tensor>& skip,
-                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                                     const std::optional<at::Tensor>& running_mean,
-                                     const std::optional<at::Tensor>& running_var, bool training, double eps,
-                                     bool save_mask, bool poison) {
-  return BatchNormReLUCall::apply(x, skip, weight, bias, running_mean, running_var, training, eps, save_mask, poison);
-}
-
 
 // ---- the public functions' eager call, whole ---------------------------------------------------------------
 //

@@ -202,9 +202,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dskip"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("C"), py::arg("inner"));
   m.def("bn_update_running", &bn_update_running, py::arg("running_mean"), py::arg("running_var"), py::arg("mean"),
         py::arg("var"), py::arg("count"), py::arg("momentum"));
-  m.def("bn_relu_call", &bn_relu_call, py::arg("x"), py::arg("skip"), py::arg("weight"), py::arg("bias"),
-        py::arg("running_mean"), py::arg("running_var"), py::arg("training"), py::arg("eps"), py::arg("save_mask"),
-        py::arg("poison"));
   m.def("bn_fast_init", &bn_fast_init, py::arg("backend_var"), py::arg("poison_var"));
   m.def("bn_fast_call", &bn_fast_call, py::arg("x"), py::arg("skip"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("weight"), py::arg("bias"), py::arg("training"), py::arg("momentum"),
