@@ -219,16 +219,6 @@ struct RowSums {
   }
 };
 
-// The cache lines of kW elements from p. RowSums' callers fetch the same channels kPrefetchRows rows on: the
-// rows visited together are kRowsPerVisit separate streams per tensor, more than the hardware prefetchers
-// follow, and in the backward x arrives cold from memory (it was saved in the forward).
-constexpr int64_t kPrefetchRows = 8;
-template <typename T>
-inline void prefetch_block(const T* p) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t e = 0; e < kW; e += kLine) __builtin_prefetch(p + e);
-}
-
 // Grain (in units) for at::parallel_for over units of `unit` elements: about kStatElems * 2 per task.
 inline int64_t unit_grain(int64_t unit) { return std::max<int64_t>(1, 2 * kStatElems / std::max<int64_t>(unit, 1)); }
 
@@ -278,7 +268,6 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
         for (int64_t b = b0; b < b1; ++b) {
           sums.run(b * R, std::min(outer, (b + 1) * R), [&](int64_t r, int64_t c, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
             fVec v[kNV];
-            if (r + kPrefetchRows < outer) prefetch_block(x + (r + kPrefetchRows) * C + c);
             load_f(x + r * C + c, kW, v);
             for (int k = 0; k < kNV; ++k) {
               const fVec d = v[k] - fVec::loadu(pk.data() + c + 8 * k);
@@ -586,10 +575,6 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
         for (int64_t b = b0; b < b1; ++b) {
           sums.run(b * R, std::min(outer, (b + 1) * R), [&](int64_t r, int64_t c, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
             const int64_t i = r * C + c;
-            if (r + kPrefetchRows < outer) {  // rows kPrefetchRows on: x arrives cold from memory here
-              prefetch_block(dy + i + kPrefetchRows * C);
-              prefetch_block(x + i + kPrefetchRows * C);
-            }
             fVec g[kNV], xv[kNV];
             load_f(dy + i, kW, g);
             load_f(x + i, kW, xv);
