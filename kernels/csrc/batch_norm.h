@@ -170,55 +170,6 @@ inline void prefetch_next(const T* p, int64_t left) {
   for (int64_t e = kW; e < std::min<int64_t>(left, 2 * kW); e += kLine) __builtin_prefetch(p + e);
 }
 
-// The row-blocked reductions for C a multiple of kW: a block's rows are read in storage order, a whole row at
-// a time, which the hardware prefetchers follow (the column-group walk below strides by C and leaves them
-// behind). The fp32 run sums of every channel (kSpill rows) live in a1 / a2, which stay in L1 or L2, and are
-// spilled into the fp64 sums d1 / d2: per channel the same additions in the same order as spilled_sums over
-// the column groups, so the results are the same bits. A run sum is loaded into registers once per
-// kRowsPerVisit rows. f(r, c, s1, s2) adds row r's channels [c, c + kW).
-struct RowSums {
-  static constexpr int64_t kRowsPerVisit = 4;  // rows added per load / store of a run sum (kSpill is a multiple)
-  std::vector<float> a1, a2;
-  std::vector<double> d1, d2;
-  explicit RowSums(int64_t C) : a1(static_cast<size_t>(C)), a2(a1.size()), d1(a1.size()), d2(a1.size()) {}
-
-  template <typename F>
-  void run(int64_t r0, int64_t r1, F f) {
-    const int64_t C = static_cast<int64_t>(a1.size());
-    std::fill(d1.begin(), d1.end(), 0.0);
-    std::fill(d2.begin(), d2.end(), 0.0);
-    for (int64_t s0 = r0; s0 < r1; s0 += kSpill) {
-      std::fill(a1.begin(), a1.end(), 0.f);
-      std::fill(a2.begin(), a2.end(), 0.f);
-      const int64_t run_end = std::min<int64_t>(r1, s0 + kSpill);
-      for (int64_t r = s0; r < run_end; r += kRowsPerVisit) {
-        const int64_t rows = std::min<int64_t>(kRowsPerVisit, run_end - r);
-        for (int64_t c = 0; c < C; c += kW) {
-          fVec s1[kNV], s2[kNV];
-          for (int k = 0; k < kNV; ++k) {
-            s1[k] = fVec::loadu(a1.data() + c + 8 * k);
-            s2[k] = fVec::loadu(a2.data() + c + 8 * k);
-          }
-          for (int64_t q = 0; q < rows; ++q) f(r + q, c, s1, s2);  // row order, as the column walk adds
-          for (int k = 0; k < kNV; ++k) {
-            s1[k].store(a1.data() + c + 8 * k);
-            s2[k].store(a2.data() + c + 8 * k);
-          }
-        }
-      }
-      for (int64_t c = 0; c < C; c += 8) {
-        spill_lanes(d1.data() + c, fVec::loadu(a1.data() + c));
-        spill_lanes(d2.data() + c, fVec::loadu(a2.data() + c));
-      }
-    }
-  }
-
-  void store(double* p1, double* p2) const {  // the block's partials
-    std::copy(d1.begin(), d1.end(), p1);
-    std::copy(d2.begin(), d2.end(), p2);
-  }
-};
-
 // Grain (in units) for at::parallel_for over units of `unit` elements: about kStatElems * 2 per task.
 inline int64_t unit_grain(int64_t unit) { return std::max<int64_t>(1, 2 * kStatElems / std::max<int64_t>(unit, 1)); }
 
@@ -263,22 +214,6 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
     p1.resize(static_cast<size_t>(blocks * C));
     p2.resize(static_cast<size_t>(blocks * C));
     at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
-      if (C % kW == 0) {
-        RowSums sums(C);
-        for (int64_t b = b0; b < b1; ++b) {
-          sums.run(b * R, std::min(outer, (b + 1) * R), [&](int64_t r, int64_t c, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
-            fVec v[kNV];
-            load_f(x + r * C + c, kW, v);
-            for (int k = 0; k < kNV; ++k) {
-              const fVec d = v[k] - fVec::loadu(pk.data() + c + 8 * k);
-              s1[k] = s1[k] + d;
-              s2[k] = s2[k] + d * d;
-            }
-          });
-          sums.store(p1.data() + b * C, p2.data() + b * C);
-        }
-        return;
-      }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
         for (int64_t c0 = 0; c0 < C; c0 += kW) {
@@ -570,25 +505,6 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
     pg.resize(static_cast<size_t>(blocks * C));
     pgx.resize(static_cast<size_t>(blocks * C));
     at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
-      if (C % kW == 0) {
-        RowSums sums(C);
-        for (int64_t b = b0; b < b1; ++b) {
-          sums.run(b * R, std::min(outer, (b + 1) * R), [&](int64_t r, int64_t c, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
-            const int64_t i = r * C + c;
-            fVec g[kNV], xv[kNV];
-            load_f(dy + i, kW, g);
-            load_f(x + i, kW, xv);
-            if (mask != nullptr) gate_from_bytes(g, mask + (i >> 3));  // whole bytes: C % 8 == 0
-            else gate.apply(g, i, kW);
-            for (int k = 0; k < kNV; ++k) {
-              sg[k] = sg[k] + g[k];
-              sgx[k] = sgx[k] + g[k] * (xv[k] - fVec::loadu(mean + c + 8 * k));
-            }
-          });
-          sums.store(pg.data() + b * C, pgx.data() + b * C);
-        }
-        return;
-      }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
         for (int64_t c0 = 0; c0 < C; c0 += kW) {
