@@ -1,7 +1,9 @@
 // Python entry points of the CPU kernels: one extension module per instruction set (ext_<isa>.cpp).
 //
 // The Python ops layer checks user input, owns the op semantics and allocates the outputs; this file
-// checks internal invariants, picks the flat or strided kernel, and releases the GIL around the work.
+// checks internal invariants, picks the flat or strided kernel, and releases the GIL around the work. One
+// exception: the BatchNorm ops' eager call (bn_call.h, bn_fast_call) tests user input itself, to accept or
+// decline the call; it raises nothing for bad input and leaves the errors to the Python checks.
 #pragma once
 
 #include <torch/extension.h>
