@@ -412,7 +412,9 @@ def test_update_running_matches_the_tensor_formula():
     rm, rv, mean, var = torch.randn(C), torch.rand(C) + 0.5, torch.randn(C), torch.rand(C)
     exp_m = rm.double() * (1 - momentum) + mean.double() * momentum
     exp_v = rv.double() * (1 - momentum) + var.double() * (count / (count - 1)) * momentum
+    versions = (rm._version, rv._version)
     M.bn_update_running(rm, rv, mean, var, count, momentum)
+    assert rm._version > versions[0] and rv._version > versions[1]  # written in place: the counters move
     assert (rm.double() - exp_m).abs().max() <= 4 * 2 ** -24 * exp_m.abs().max()
     assert (rv.double() - exp_v).abs().max() <= 4 * 2 ** -24 * exp_v.abs().max()
     with pytest.raises(RuntimeError, match="bn_update_running: running_var must be a contiguous float32"):

@@ -419,9 +419,7 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
             and running_mean.is_contiguous() and running_var.is_contiguous()
             and _direct.plain_eager(running_mean, running_var, mean, var)
             and _backend.resolve(running_mean.device) == "cpp"):
-        _cpp_kernels().bn_update_running(running_mean, running_var, mean, var, count, momentum)
-        torch.autograd.graph.increment_version(running_mean)  # written in place, as mul_ / add_ would record
-        torch.autograd.graph.increment_version(running_var)
+        _cpp_kernels().bn_update_running(running_mean, running_var, mean, var, count, momentum)  # bumps versions
         return
     with torch.no_grad():
         unbiased = var * (count / (count - 1)) if count > 1 else var
@@ -458,8 +456,8 @@ def fast_call(x, skip, running_mean, running_var, weight, bias, training, moment
     """The public functions' eager call in one C++ call (``bn_fast_call``, ``kernels/csrc/bn_call.h``): the
     output, its autograd node (the C++ ``BatchNormReLUCall``) and the running-statistics update, with the
     kernels and formulas of the registered ops (bit-identical results). It takes the call only in plain eager
-    mode on the cpp backend with every argument plainly valid (CPU tensors of supported dtypes, float32 running
-    buffers, ...), and returns None otherwise, having done nothing: :func:`call` then checks and computes.
+    mode on the cpp backend with every argument plainly valid (CPU tensors of supported dtypes, matching shapes,
+    ...), and returns None otherwise, having done nothing: :func:`call` then checks and computes.
     The caller rules out torch.compile and forward-mode AD first (Python state, and dynamo must not trace into
     the C++ call).
 

@@ -975,7 +975,8 @@ void bn_backward(const at::Tensor& dy, const at::Tensor& x, const std::optional<
 }
 
 // running = (1 - momentum) * running + momentum * batch, the variance unbiased (count / (count - 1)), in
-// place, for float32 buffers (F.batch_norm's update; others take the tensor arithmetic in Python).
+// place, for float32 buffers (F.batch_norm's update; others take the tensor arithmetic), with the buffers'
+// version counters bumped as F.batch_norm's in-place update bumps them.
 void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                        const at::Tensor& var, int64_t count, double momentum) {
   constexpr const char* op = "bn_update_running";
@@ -996,6 +997,8 @@ void bn_update_running(const at::Tensor& running_mean, const at::Tensor& running
     rm[c] = std::fma(pm[c], mom, rm[c] * keep);
     rv[c] = std::fma(pv[c] * unbias, mom, rv[c] * keep);
   }
+  torch::autograd::impl::bump_version(running_mean);
+  torch::autograd::impl::bump_version(running_var);
 }
 
 #undef FR_BN_DTYPE_SWITCH

@@ -271,8 +271,6 @@ void bn_update_running_buffers(const at::Tensor& rm, const at::Tensor& rv, const
                                const at::Tensor& var, int64_t count, double momentum) {
   if (rm.scalar_type() == at::kFloat && rv.scalar_type() == at::kFloat && rm.is_contiguous() && rv.is_contiguous()) {
     bn_update_running(rm, rv, mean, var, count, momentum);
-    torch::autograd::impl::bump_version(rm);  // written in place, as F.batch_norm's update records it
-    torch::autograd::impl::bump_version(rv);
     return;
   }
   // Python's `t.mul_(0.9)` multiplies by a 0-dim float64 tensor (mul_.Tensor), which rounds differently from
