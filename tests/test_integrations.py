@@ -300,7 +300,11 @@ def test_channels_last_stays_channels_last(train):
     model, fused = _pair("tv-resnet50")
     model = model.to(memory_format=torch.channels_last).train(train)
     fused = fused.to(memory_format=torch.channels_last).train(train)
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    # batch 4: in training layer 4's BN (2x2 pixels) then normalises 16 values per channel; with 8 (batch 2) the
+    # batch statistics amplify rounding so much that the error of any BN implementation against float64 is a
+    # draw (one seed of ~110 tried put the cpp kernels at 1.36x the bound, the eager-formula backend at 0.87x, the
+    # Triton kernels at 0.61x); over 41 seeds at batch 4 the largest was 0.65x
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     seen = []
     for block in fused.modules():
         if isinstance(block, (fr_tv.FusedBottleneck,)):
