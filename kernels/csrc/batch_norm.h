@@ -170,8 +170,9 @@ inline void prefetch_next(const T* p, int64_t left) {
   for (int64_t e = kW; e < std::min<int64_t>(left, 2 * kW); e += kLine) __builtin_prefetch(p + e);
 }
 
-// Grain (in units) for at::parallel_for over units of `unit` elements: about kStatElems * 2 per task.
-inline int64_t unit_grain(int64_t unit) { return std::max<int64_t>(1, 2 * kStatElems / std::max<int64_t>(unit, 1)); }
+// Grain (in units) for at::parallel_for over units of `unit` elements: about kStatElems per task, so that a
+// reduction of 2 units (e.g. 50K elements) already runs on two threads.
+inline int64_t unit_grain(int64_t unit) { return std::max<int64_t>(1, kStatElems / std::max<int64_t>(unit, 1)); }
 
 // The per-channel totals of two sets of unit partials, each channel's units added in unit order in fp64.
 // Unit (o, c, s) is at (o * C + c) * nseg + s: o a row block (inner == 1, nseg = 1) or an outer index, s a
