@@ -32,6 +32,10 @@ CASES = [(s, _kind(s, f)) for s, f in BN_CASES] + [
     ((1, 3, 150, 130), "nchw"),                       # one plane spans several reduction units
     ((9, 40, 9, 11), "cl"),                           # several row blocks, C not a multiple of 32
     ((37, 1), "2d"), ((3000, 70), "2d"),
+    # rows wider than 512 channels: units of 64 rows by 512-channel groups (RowUnits)
+    ((130, 1000), "2d"),                              # 3 row blocks (64, 64, 2), groups of 512 and 488 channels
+    ((3, 2051, 2, 2), "cl"),                          # one row block, 5 groups (the last 3 channels), C % 8 != 0
+    ((70, 4096), "2d"),                               # 2 row blocks, 8 whole groups
 ]
 IDS = [f"{shape_id(s)}-{k}" for s, k in CASES]
 
@@ -272,7 +276,8 @@ def test_bwd_nan_inf_where_gate_is_off(dtype, shape, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,kind", [((8, 64, 28, 28), "nchw"), ((8, 64, 28, 28), "cl"), ((20001, 33), "2d"),
-                                        ((2, 3, 200, 150), "nchw")], ids=["nchw", "cl", "2d", "bigplane"])
+                                        ((2, 3, 200, 150), "nchw"), ((130, 1000), "2d")],
+                         ids=["nchw", "cl", "2d", "bigplane", "2d-wide"])
 def test_reductions_deterministic_across_runs_and_threads(shape, kind, dtype):
     x, out, mask, mean, dy, C, inner = fwd_for_bwd(shape, kind, dtype)
 

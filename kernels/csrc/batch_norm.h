@@ -6,8 +6,8 @@
 // cpu_kernels.h; the Python entry points at the bottom are registered there.
 //
 // Reductions (bn_stats, bn_bwd_reduce) are deterministic: the work is cut into fixed units that depend
-// on the shape only (row blocks of ~kStatElems elements for inner == 1, plane segments of at most
-// kStatElems elements for inner > 1), each unit is summed sequentially (lane-wise in fp32 runs of kSpill
+// on the shape only (inner == 1: blocks of rows, cut into channel groups when rows are wide, of ~kStatElems
+// elements, see RowUnits; inner > 1: plane segments of at most kStatElems elements), each unit is summed sequentially (lane-wise in fp32 runs of kSpill
 // values added into fp64 lanes, then lanes in a fixed order), and the per-unit partials are merged per
 // channel in unit order in fp64. The thread count only decides who computes which unit.
 //
@@ -153,9 +153,10 @@ inline void for_segments(int64_t i0, int64_t i1, int64_t C, int64_t inner, F f) 
   }
 }
 
-// Per-channel vectors padded with zeros so that full fVec loads at any channel offset < C stay inside.
+// Per-channel vectors padded with zeros so that a register block's full loads (kNV fVecs, kW channels) at
+// any channel offset < C stay inside.
 inline std::vector<float> padded(const float* p, int64_t C) {
-  std::vector<float> v(static_cast<size_t>(C + 2 * fVec::size()), 0.f);
+  std::vector<float> v(static_cast<size_t>(C + kW), 0.f);
   std::copy(p, p + C, v.begin());
   return v;
 }
@@ -170,6 +171,27 @@ inline void prefetch_next(const T* p, int64_t left) {
   for (int64_t e = kW; e < std::min<int64_t>(left, 2 * kW); e += kLine) __builtin_prefetch(p + e);
 }
 
+// The units of the row-blocked reductions (inner == 1): R rows by W channels (W = C, or a multiple of kW),
+// about kStatElems elements each. Rows wider than kStatElems / kMinRows are cut into channel groups instead
+// of blocks of fewer rows: every unit then sums at least kMinRows rows (up to 64 values per fp32 run between
+// spills, rather than 4 at C = 8192) and the fp64 partials, one per (row block, channel), stay ~1/kMinRows
+// of x (at C = 8192 they were the size of x: 32 row blocks of 4 rows for 128 rows).
+struct RowUnits {
+  static constexpr int64_t kMinRows = 64;
+  int64_t R, W, blocks, groups;
+  RowUnits(int64_t rows, int64_t C) {
+    if (C * kMinRows <= kStatElems) {
+      W = C;
+      R = kStatElems / C;
+    } else {
+      R = kMinRows;
+      W = kStatElems / kMinRows / kW * kW;
+    }
+    blocks = (rows + R - 1) / R;
+    groups = (C + W - 1) / W;
+  }
+};
+
 // Grain (in units) for at::parallel_for over units of `unit` elements: about kStatElems per task, so that a
 // reduction of 2 units (e.g. 50K elements) already runs on two threads.
 inline int64_t unit_grain(int64_t unit) { return std::max<int64_t>(1, kStatElems / std::max<int64_t>(unit, 1)); }
@@ -181,6 +203,19 @@ inline void sum_partials(const std::vector<double>& p1, const std::vector<double
                          int64_t nseg, std::vector<double>& s1, std::vector<double>& s2) {
   s1.assign(static_cast<size_t>(C), 0.0);
   s2.assign(static_cast<size_t>(C), 0.0);
+  if (nseg == 1) {  // the same additions in the same order per channel, vectorised across channels
+    double* __restrict t1 = s1.data();
+    double* __restrict t2 = s2.data();
+    for (int64_t o = 0; o < O; ++o) {
+      const double* __restrict q1 = p1.data() + o * C;
+      const double* __restrict q2 = p2.data() + o * C;
+      for (int64_t c = 0; c < C; ++c) {
+        t1[c] += q1[c];
+        t2[c] += q2[c];
+      }
+    }
+    return;
+  }
   for (int64_t o = 0; o < O; ++o) {
     const double* q1 = p1.data() + o * C * nseg;
     const double* q2 = p2.data() + o * C * nseg;
@@ -209,16 +244,16 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
   // nseg = 1) or an outer index, s a segment of plane (o, c); O units of o
   int64_t O = outer, nseg = 1;
   if (inner == 1) {
-    const int64_t R = std::max<int64_t>(1, kStatElems / C);  // rows per block
-    const int64_t blocks = (outer + R - 1) / R;
-    O = blocks;
-    p1.resize(static_cast<size_t>(blocks * C));
-    p2.resize(static_cast<size_t>(blocks * C));
-    at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
-        for (int64_t c0 = 0; c0 < C; c0 += kW) {
-          const int64_t w = std::min<int64_t>(kW, C - c0);
+    const RowUnits ru(outer, C);
+    O = ru.blocks;
+    p1.resize(static_cast<size_t>(ru.blocks * C));
+    p2.resize(static_cast<size_t>(ru.blocks * C));
+    at::parallel_for(0, ru.blocks * ru.groups, unit_grain(ru.R * ru.W), [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / ru.groups, g0 = (u % ru.groups) * ru.W, g1 = std::min(C, g0 + ru.W);
+        const int64_t r0 = b * ru.R, r1 = std::min(outer, r0 + ru.R);
+        for (int64_t c0 = g0; c0 < g1; c0 += kW) {
+          const int64_t w = std::min<int64_t>(kW, g1 - c0);
           fVec K[kNV];
           for (int k = 0; k < kNV; ++k) K[k] = fVec::loadu(pk.data() + c0 + 8 * k);
           double d1[kW] = {}, d2[kW] = {};  // sums of d = x - K and of d^2
@@ -226,7 +261,7 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
             spilled_sums(r1 - r0, d1, d2, [&](int64_t i, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
               const T* row = x + (r0 + i) * C + c0;
               fVec v[kNV];
-              prefetch_next(row, C - c0);
+              prefetch_next(row, g1 - c0);
               load_f(row, width, v);
               for (int k = 0; k < kNV; ++k) {
                 const fVec d = v[k] - K[k];
@@ -500,16 +535,16 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
   std::vector<double> pg, pgx;  // partials, laid out as in stats_t
   int64_t O = outer, nseg = 1;
   if (inner == 1) {
-    const int64_t R = std::max<int64_t>(1, kStatElems / C);
-    const int64_t blocks = (outer + R - 1) / R;
-    O = blocks;
-    pg.resize(static_cast<size_t>(blocks * C));
-    pgx.resize(static_cast<size_t>(blocks * C));
-    at::parallel_for(0, blocks, unit_grain(R * C), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * R, r1 = std::min(outer, r0 + R);
-        for (int64_t c0 = 0; c0 < C; c0 += kW) {
-          const int64_t w = std::min<int64_t>(kW, C - c0);
+    const RowUnits ru(outer, C);
+    O = ru.blocks;
+    pg.resize(static_cast<size_t>(ru.blocks * C));
+    pgx.resize(static_cast<size_t>(ru.blocks * C));
+    at::parallel_for(0, ru.blocks * ru.groups, unit_grain(ru.R * ru.W), [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / ru.groups, g0 = (u % ru.groups) * ru.W, g1 = std::min(C, g0 + ru.W);
+        const int64_t r0 = b * ru.R, r1 = std::min(outer, r0 + ru.R);
+        for (int64_t c0 = g0; c0 < g1; c0 += kW) {
+          const int64_t w = std::min<int64_t>(kW, g1 - c0);
           fVec M[kNV];
           load_f(mean + c0, w, M);
           double d1[kW] = {}, d2[kW] = {};  // sums of g and of g * (x - mean)
@@ -517,8 +552,8 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
             spilled_sums(r1 - r0, d1, d2, [&](int64_t r, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
               const int64_t i = (r0 + r) * C + c0;
               fVec g[kNV], xv[kNV];
-              prefetch_next(dy + i, C - c0);
-              prefetch_next(x + i, C - c0);
+              prefetch_next(dy + i, g1 - c0);
+              prefetch_next(x + i, g1 - c0);
               load_f(dy + i, width, g);
               load_f(x + i, width, xv);
               if (mask != nullptr && width == kW && C % 8 == 0) gate_from_bytes(g, mask + (i >> 3));  // whole bytes
