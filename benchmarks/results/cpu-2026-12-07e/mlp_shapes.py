@@ -1,4 +1,4 @@
-"""batch_norm_add_relu / batch_norm_relu on 2-D (N, C) activations (the MLP block), fp32 training: eager
+"""batch_norm_add_relu on 2-D (N, C) activations (the MLP block), fp32 training: eager (F.batch_norm, add, ReLU)
 against fused, forward and forward + backward, medians of 200 calls. Run from the repository root:
 python mlp_shapes.py (the first line printed says which fused_residual was imported)."""
 import sys, time, statistics
