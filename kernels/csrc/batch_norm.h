@@ -7,9 +7,10 @@
 //
 // Reductions (bn_stats, bn_bwd_reduce) are deterministic: the work is cut into fixed units that depend
 // on the shape only (inner == 1: blocks of rows, cut into channel groups when rows are wide, of ~kStatElems
-// elements, see RowUnits; inner > 1: plane segments of at most kStatElems elements), each unit is summed sequentially (lane-wise in fp32 runs of kSpill
-// values added into fp64 lanes, then lanes in a fixed order), and the per-unit partials are merged per
-// channel in unit order in fp64. The thread count only decides who computes which unit.
+// elements, see RowUnits; inner > 1: plane segments of at most kStatElems elements), each unit is summed
+// sequentially (lane-wise in fp32 runs of kSpill values added into fp64 lanes, then lanes in a fixed
+// order), and the per-unit partials are merged per channel in unit order in fp64. The thread count only
+// decides who computes which unit.
 //
 // Statistics are stable: every unit sums x - K_c with K_c = the channel's first value (shifted data, exact
 // for nearby values), and the units' shifted sums are added in fp64 (see stats_t).
@@ -173,9 +174,9 @@ inline void prefetch_next(const T* p, int64_t left) {
 
 // The units of the row-blocked reductions (inner == 1): R rows by W channels (W = C, or a multiple of kW),
 // about kStatElems elements each. Rows wider than kStatElems / kMinRows are cut into channel groups instead
-// of blocks of fewer rows: every unit then sums at least kMinRows rows (up to 64 values per fp32 run between
-// spills, rather than 4 at C = 8192) and the fp64 partials, one per (row block, channel), stay ~1/kMinRows
-// of x (at C = 8192 they were the size of x: 32 row blocks of 4 rows for 128 rows).
+// of blocks of fewer rows: a unit then sums up to kMinRows rows per channel (fp32 runs of kSpill values
+// between spills, where blocks of kStatElems / C rows gave runs of 4 at C = 8192) and the fp64 partials,
+// one per (row block, channel), stay ~1/kMinRows of x (at C = 8192 and 128 rows they were the size of x).
 struct RowUnits {
   static constexpr int64_t kMinRows = 64;
   int64_t R, W, blocks, groups;
