@@ -179,8 +179,8 @@ inline void prefetch_next(const T* p, int64_t left) {
 // one per (row block, channel), stay ~1/kMinRows of x (at C = 8192 and 128 rows they were the size of x).
 struct RowUnits {
   static constexpr int64_t kMinRows = 64;
-  int64_t R, W, blocks, groups;
-  RowUnits(int64_t rows, int64_t C) {
+  int64_t rows, C, R, W, blocks, groups;
+  RowUnits(int64_t rows_, int64_t C_) : rows(rows_), C(C_) {
     if (C * kMinRows <= kStatElems) {
       W = C;
       R = kStatElems / C;
@@ -191,11 +191,26 @@ struct RowUnits {
     blocks = (rows + R - 1) / R;
     groups = (C + W - 1) / W;
   }
+  // Runs f(b, r0, r1, c0, w, left) in parallel, unit by unit, for each register block of a unit: row block
+  // b (rows [r0, r1)), channels [c0, c0 + w) with w <= kW, `left` channels of the unit's group from c0 on.
+  template <typename F>
+  void for_each_block(F f) const;
 };
 
 // Grain (in units) for at::parallel_for over units of `unit` elements: about kStatElems per task, so that a
 // reduction of 2 units (e.g. 50K elements) already runs on two threads.
 inline int64_t unit_grain(int64_t unit) { return std::max<int64_t>(1, kStatElems / std::max<int64_t>(unit, 1)); }
+
+template <typename F>
+void RowUnits::for_each_block(F f) const {
+  at::parallel_for(0, blocks * groups, unit_grain(R * W), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / groups, g0 = (u % groups) * W, g1 = std::min(C, g0 + W);
+      const int64_t r0 = b * R, r1 = std::min(rows, r0 + R);
+      for (int64_t c0 = g0; c0 < g1; c0 += kW) f(b, r0, r1, c0, std::min<int64_t>(kW, g1 - c0), g1 - c0);
+    }
+  });
+}
 
 // The per-channel totals of two sets of unit partials, each channel's units added in unit order in fp64.
 // Unit (o, c, s) is at (o * C + c) * nseg + s: o a row block (inner == 1, nseg = 1) or an outer index, s a
@@ -249,34 +264,27 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
     O = ru.blocks;
     p1.resize(static_cast<size_t>(ru.blocks * C));
     p2.resize(static_cast<size_t>(ru.blocks * C));
-    at::parallel_for(0, ru.blocks * ru.groups, unit_grain(ru.R * ru.W), [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / ru.groups, g0 = (u % ru.groups) * ru.W, g1 = std::min(C, g0 + ru.W);
-        const int64_t r0 = b * ru.R, r1 = std::min(outer, r0 + ru.R);
-        for (int64_t c0 = g0; c0 < g1; c0 += kW) {
-          const int64_t w = std::min<int64_t>(kW, g1 - c0);
-          fVec K[kNV];
-          for (int k = 0; k < kNV; ++k) K[k] = fVec::loadu(pk.data() + c0 + 8 * k);
-          double d1[kW] = {}, d2[kW] = {};  // sums of d = x - K and of d^2
-          auto rows_loop = [&](int64_t width) {
-            spilled_sums(r1 - r0, d1, d2, [&](int64_t i, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
-              const T* row = x + (r0 + i) * C + c0;
-              fVec v[kNV];
-              prefetch_next(row, g1 - c0);
-              load_f(row, width, v);
-              for (int k = 0; k < kNV; ++k) {
-                const fVec d = v[k] - K[k];
-                s1[k] = s1[k] + d;
-                s2[k] = s2[k] + d * d;
-              }
-            });
-          };
-          if (w == kW) rows_loop(kW); else rows_loop(w);  // the first with a constant width
-          for (int64_t j = 0; j < w; ++j) {
-            p1[b * C + c0 + j] = d1[j];
-            p2[b * C + c0 + j] = d2[j];
+    ru.for_each_block([&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t w, int64_t left) {
+      fVec K[kNV];
+      for (int k = 0; k < kNV; ++k) K[k] = fVec::loadu(pk.data() + c0 + 8 * k);
+      double d1[kW] = {}, d2[kW] = {};  // sums of d = x - K and of d^2
+      auto rows_loop = [&](int64_t width) {
+        spilled_sums(r1 - r0, d1, d2, [&](int64_t i, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
+          const T* row = x + (r0 + i) * C + c0;
+          fVec v[kNV];
+          prefetch_next(row, left);
+          load_f(row, width, v);
+          for (int k = 0; k < kNV; ++k) {
+            const fVec d = v[k] - K[k];
+            s1[k] = s1[k] + d;
+            s2[k] = s2[k] + d * d;
           }
-        }
+        });
+      };
+      if (w == kW) rows_loop(kW); else rows_loop(w);  // the first with a constant width
+      for (int64_t j = 0; j < w; ++j) {
+        p1[b * C + c0 + j] = d1[j];
+        p2[b * C + c0 + j] = d2[j];
       }
     });
   } else {
@@ -540,37 +548,30 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
     O = ru.blocks;
     pg.resize(static_cast<size_t>(ru.blocks * C));
     pgx.resize(static_cast<size_t>(ru.blocks * C));
-    at::parallel_for(0, ru.blocks * ru.groups, unit_grain(ru.R * ru.W), [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / ru.groups, g0 = (u % ru.groups) * ru.W, g1 = std::min(C, g0 + ru.W);
-        const int64_t r0 = b * ru.R, r1 = std::min(outer, r0 + ru.R);
-        for (int64_t c0 = g0; c0 < g1; c0 += kW) {
-          const int64_t w = std::min<int64_t>(kW, g1 - c0);
-          fVec M[kNV];
-          load_f(mean + c0, w, M);
-          double d1[kW] = {}, d2[kW] = {};  // sums of g and of g * (x - mean)
-          auto rows_loop = [&](int64_t width) {
-            spilled_sums(r1 - r0, d1, d2, [&](int64_t r, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
-              const int64_t i = (r0 + r) * C + c0;
-              fVec g[kNV], xv[kNV];
-              prefetch_next(dy + i, g1 - c0);
-              prefetch_next(x + i, g1 - c0);
-              load_f(dy + i, width, g);
-              load_f(x + i, width, xv);
-              if (mask != nullptr && width == kW && C % 8 == 0) gate_from_bytes(g, mask + (i >> 3));  // whole bytes
-              else gate.apply(g, i, width);
-              for (int k = 0; k < kNV; ++k) {
-                sg[k] = sg[k] + g[k];
-                sgx[k] = sgx[k] + g[k] * (xv[k] - M[k]);
-              }
-            });
-          };
-          if (w == kW) rows_loop(kW); else rows_loop(w);
-          for (int64_t j = 0; j < w; ++j) {
-            pg[b * C + c0 + j] = d1[j];
-            pgx[b * C + c0 + j] = d2[j];
+    ru.for_each_block([&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t w, int64_t left) {
+      fVec M[kNV];
+      load_f(mean + c0, w, M);
+      double d1[kW] = {}, d2[kW] = {};  // sums of g and of g * (x - mean)
+      auto rows_loop = [&](int64_t width) {
+        spilled_sums(r1 - r0, d1, d2, [&](int64_t r, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
+          const int64_t i = (r0 + r) * C + c0;
+          fVec g[kNV], xv[kNV];
+          prefetch_next(dy + i, left);
+          prefetch_next(x + i, left);
+          load_f(dy + i, width, g);
+          load_f(x + i, width, xv);
+          if (mask != nullptr && width == kW && C % 8 == 0) gate_from_bytes(g, mask + (i >> 3));  // whole bytes
+          else gate.apply(g, i, width);
+          for (int k = 0; k < kNV; ++k) {
+            sg[k] = sg[k] + g[k];
+            sgx[k] = sgx[k] + g[k] * (xv[k] - M[k]);
           }
-        }
+        });
+      };
+      if (w == kW) rows_loop(kW); else rows_loop(w);
+      for (int64_t j = 0; j < w; ++j) {
+        pg[b * C + c0 + j] = d1[j];
+        pgx[b * C + c0 + j] = d2[j];
       }
     });
   } else {
