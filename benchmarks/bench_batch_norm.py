@@ -24,7 +24,8 @@ import fused_residual as fr
 
 
 def cases(device: str, quick: bool):
-    """(shape, dtype name, memory format): ResNet-50 stage shapes (block outputs and inner widths)."""
+    """(shape, dtype name, memory format): ResNet-50 stage shapes (block outputs and inner widths); on CPU
+    also a 2-D (N, C) case."""
     cl = torch.channels_last
     if device == "cuda":
         if quick:
@@ -33,9 +34,11 @@ def cases(device: str, quick: bool):
                                                                (2048, 7))]
     if quick:
         return [((2, 64, 14, 14), "fp32", cl)]
-    # the last two: block outputs of ResNet-50 at batch 4, 112 px (layers 1 and 3)
+    # then block outputs of ResNet-50 at batch 4, 112 px (layers 1 and 3), and a wide 2-D (N, C) activation
+    # as an MLP block has it
     return [((8, 256, 28, 28), "fp32", cl), ((8, 256, 28, 28), "fp32", None), ((8, 256, 28, 28), "bf16", cl),
-            ((4, 64, 56, 56), "fp32", cl), ((4, 256, 28, 28), "fp32", cl), ((4, 1024, 7, 7), "fp32", cl)]
+            ((4, 64, 56, 56), "fp32", cl), ((4, 256, 28, 28), "fp32", cl), ((4, 1024, 7, 7), "fp32", cl),
+            ((128, 8192), "fp32", None)]
 
 
 def _eager(with_skip: bool):
@@ -66,7 +69,7 @@ def run(device: str = "cpu", quick: bool = False, out_dir: str | None = None):
         b = torch.randn(C, device=device, requires_grad=True)
         rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
         n, es = x.numel(), x.element_size()
-        layout = "nhwc" if fmt is not None else "nchw"
+        layout = "nhwc" if fmt is not None else "nchw" if len(shape) == 4 else "nc"
         copy_gbs = bench.copy_baseline("batch_norm", shape, f"{dname} {layout}", x)
         xg, sg = x.detach().requires_grad_(), s.detach().requires_grad_()
         for with_skip in (True, False):
