@@ -117,6 +117,22 @@ inline void spilled_sums(int64_t n, double* da, double* db, F f) {
   }
 }
 
+// One register block of a row-blocked reduction (RowUnits): two sums of w <= kW channels over n rows, fed by
+// f(r, width, a, b) for row r (width is the constant kW where the block is whole), stored as fp64 partials at
+// p1[0, w) and p2[0, w).
+template <typename F>
+inline void block_sums(int64_t n, int64_t w, double* p1, double* p2, F f) {
+  double d1[kW] = {}, d2[kW] = {};
+  auto rows_loop = [&](int64_t width) {
+    spilled_sums(n, d1, d2, [&](int64_t r, fVec (&a)[kNV], fVec (&b)[kNV]) { f(r, width, a, b); });
+  };
+  if (w == kW) rows_loop(kW); else rows_loop(w);  // the first with a constant width
+  for (int64_t j = 0; j < w; ++j) {
+    p1[j] = d1[j];
+    p2[j] = d2[j];
+  }
+}
+
 inline double lanes_total(const double* v) {  // lane order
   double t = 0.0;
   for (int j = 0; j < kW; ++j) t += v[j];
@@ -267,25 +283,19 @@ void stats_t(const T* x, int64_t n, int64_t C, int64_t inner, float* mean_out, f
     ru.for_each_block([&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t w, int64_t left) {
       fVec K[kNV];
       for (int k = 0; k < kNV; ++k) K[k] = fVec::loadu(pk.data() + c0 + 8 * k);
-      double d1[kW] = {}, d2[kW] = {};  // sums of d = x - K and of d^2
-      auto rows_loop = [&](int64_t width) {
-        spilled_sums(r1 - r0, d1, d2, [&](int64_t i, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
-          const T* row = x + (r0 + i) * C + c0;
-          fVec v[kNV];
-          prefetch_next(row, left);
-          load_f(row, width, v);
-          for (int k = 0; k < kNV; ++k) {
-            const fVec d = v[k] - K[k];
-            s1[k] = s1[k] + d;
-            s2[k] = s2[k] + d * d;
-          }
-        });
-      };
-      if (w == kW) rows_loop(kW); else rows_loop(w);  // the first with a constant width
-      for (int64_t j = 0; j < w; ++j) {
-        p1[b * C + c0 + j] = d1[j];
-        p2[b * C + c0 + j] = d2[j];
-      }
+      // sums of d = x - K and of d^2
+      block_sums(r1 - r0, w, p1.data() + b * C + c0, p2.data() + b * C + c0,
+                 [&](int64_t i, int64_t width, fVec (&s1)[kNV], fVec (&s2)[kNV]) {
+                   const T* row = x + (r0 + i) * C + c0;
+                   fVec v[kNV];
+                   prefetch_next(row, left);
+                   load_f(row, width, v);
+                   for (int k = 0; k < kNV; ++k) {
+                     const fVec d = v[k] - K[k];
+                     s1[k] = s1[k] + d;
+                     s2[k] = s2[k] + d * d;
+                   }
+                 });
     });
   } else {
     const int64_t seg = std::min(inner, kStatElems);
@@ -551,28 +561,23 @@ void bwd_reduce_t(const T* dy, const T* x, const T* out, const uint8_t* mask, co
     ru.for_each_block([&](int64_t b, int64_t r0, int64_t r1, int64_t c0, int64_t w, int64_t left) {
       fVec M[kNV];
       load_f(mean + c0, w, M);
-      double d1[kW] = {}, d2[kW] = {};  // sums of g and of g * (x - mean)
-      auto rows_loop = [&](int64_t width) {
-        spilled_sums(r1 - r0, d1, d2, [&](int64_t r, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
-          const int64_t i = (r0 + r) * C + c0;
-          fVec g[kNV], xv[kNV];
-          prefetch_next(dy + i, left);
-          prefetch_next(x + i, left);
-          load_f(dy + i, width, g);
-          load_f(x + i, width, xv);
-          if (mask != nullptr && width == kW && C % 8 == 0) gate_from_bytes(g, mask + (i >> 3));  // whole bytes
-          else gate.apply(g, i, width);
-          for (int k = 0; k < kNV; ++k) {
-            sg[k] = sg[k] + g[k];
-            sgx[k] = sgx[k] + g[k] * (xv[k] - M[k]);
-          }
-        });
-      };
-      if (w == kW) rows_loop(kW); else rows_loop(w);
-      for (int64_t j = 0; j < w; ++j) {
-        pg[b * C + c0 + j] = d1[j];
-        pgx[b * C + c0 + j] = d2[j];
-      }
+      // sums of g and of g * (x - mean)
+      block_sums(r1 - r0, w, pg.data() + b * C + c0, pgx.data() + b * C + c0,
+                 [&](int64_t r, int64_t width, fVec (&sg)[kNV], fVec (&sgx)[kNV]) {
+                   const int64_t i = (r0 + r) * C + c0;
+                   fVec g[kNV], xv[kNV];
+                   prefetch_next(dy + i, left);
+                   prefetch_next(x + i, left);
+                   load_f(dy + i, width, g);
+                   load_f(x + i, width, xv);
+                   // whole mask bytes where the block is whole and rows start on a byte
+                   if (mask != nullptr && width == kW && C % 8 == 0) gate_from_bytes(g, mask + (i >> 3));
+                   else gate.apply(g, i, width);
+                   for (int k = 0; k < kNV; ++k) {
+                     sg[k] = sg[k] + g[k];
+                     sgx[k] = sgx[k] + g[k] * (xv[k] - M[k]);
+                   }
+                 });
     });
   } else {
     const int64_t seg = std::min(inner, kStatElems);
